@@ -1,0 +1,64 @@
+"""Shared fixtures: one tiny Llama architecture built from a config, and the real Llama-2 tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import tucka_llm
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+PROMPTS = [
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Weng earns $12 an hour for babysitting.",
+    "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she needs.",
+    "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
+]
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """2 layers, hidden 64, GQA, the Llama-2 vocabulary; head_dim 32 so that vLLM's CPU backend accepts it too."""
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_llama_config()).to(dtype).eval()
+
+
+def tucka_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> peft.PeftModel:
+    """A tiny Llama with a TuckA adapter whose update is large enough to matter (alpha 8 at r 4)."""
+    settings = dict(r=4, k=3, t=2, p=2, alpha=8.0, perturb_scale=0.5, target_modules=["q_proj", "v_proj"])
+    settings.update(overrides)
+    model = peft.get_peft_model(tiny_llama(seed, dtype), tucka_llm.TuckAConfig(**settings))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    tok = AutoTokenizer.from_pretrained(FIXTURES / "llama2_tokenizer")
+    tok.pad_token = tok.eos_token  # Llama-2 has no pad token; EOS is the usual choice
+    return tok
+
+
+@pytest.fixture
+def batch(tokenizer):
+    """The prompts, right-padded."""
+    tokenizer.padding_side = "right"
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)

@@ -1,0 +1,128 @@
+"""TuckA as a peft method: registration, save/load, parameter counts on the meta device, merging, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from conftest import tiny_llama, tucka_llama
+from transformers import LlamaForCausalLM
+
+import tucka_llm
+from tucka_llm.models import llama2_7b_config
+
+
+def test_save_and_load_round_trip_gives_identical_logits_and_keeps_centroids(batch, tmp_path):
+    model = tucka_llama(seed=6)
+    tucka_llm.data_aware_init(model, [batch], seed=3)
+    with torch.no_grad():  # stand-in for training: every factor moves away from its initial value
+        for name, param in model.named_parameters():
+            if "tucka_" in name:
+                param.add_(0.01 * torch.randn_like(param))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if "tucka_" in n}
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "TUCKA"
+    assert saved["router_module"] == "model.layers.0.self_attn.q_proj"
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=6), tmp_path).eval()
+    assert isinstance(loaded.peft_config["default"], tucka_llm.TuckAConfig)
+    for name, param in loaded.named_parameters():
+        if "tucka_" in name:
+            assert torch.equal(param, trained[name]), name
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_registration_uses_the_unmodified_peft():
+    assert peft.PeftType.TUCKA.value == "TUCKA"
+    assert peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING["TUCKA"] is tucka_llm.TuckAModel
+    assert peft.PeftConfig.from_peft_type(peft_type="TUCKA", r=8).r == 8
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        (tucka_llm.TuckAConfig(r=16, k=4, t=2, p=2, target_modules=["q_proj", "v_proj"]), 4_358_400),
+        (peft.LoraConfig(r=32, lora_alpha=32, target_modules=["q_proj", "v_proj"]), 16_777_216),
+        (peft.LoraConfig(r=32, lora_alpha=32, use_dora=True, target_modules=["q_proj", "v_proj"]), 17_039_360),
+    ],
+    ids=["tucka-r16-k4-t2-p2", "lora-r32", "dora-r32"],
+)
+def test_llama2_7b_trainable_parameters_counted_on_the_meta_device(config, expected):
+    with torch.device("meta"):
+        base = LlamaForCausalLM(llama2_7b_config())
+    model = peft.get_peft_model(base, config)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == expected
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+def test_merge_under_a_fixed_route_equals_the_adapter_model(batch):
+    model = tucka_llama(seed=8)
+    route = tucka_llm.Route(2, [0.6, 0.4])
+    with tucka_llm.routing(model, route), torch.no_grad():
+        expected = model(**batch).logits
+        merged = model.merge_and_unload()
+    assert not any(isinstance(m, tucka_llm.TuckALayer) for m in merged.modules())
+    with torch.no_grad():
+        actual = merged(**batch).logits
+    assert (actual - expected).norm() / expected.norm() <= 1e-5
+
+
+def test_merge_without_a_fixed_route_is_refused():
+    model = tucka_llama(seed=8)
+    with pytest.raises(ValueError, match="cannot be merged as is"):
+        model.merge_and_unload()
+
+
+@pytest.mark.parametrize("field", ["r", "k", "t", "p"])
+@pytest.mark.parametrize("value", [0, -2])
+def test_non_positive_sizes_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"`{field}` must be a positive integer"):
+        tucka_llm.TuckAConfig(**{field: value})
+
+
+def test_rank_larger_than_the_input_size_is_refused():
+    with pytest.raises(ValueError, match="r=65 is larger than the input size 64"):
+        peft.get_peft_model(tiny_llama(), tucka_llm.TuckAConfig(r=65))
+
+
+def test_missing_target_module_lists_the_linear_layers():
+    with pytest.raises(ValueError, match=r"matches no module.*down_proj, gate_proj, k_proj, lm_head, o_proj"):
+        peft.get_peft_model(tiny_llama(), tucka_llm.TuckAConfig(target_modules=["query"]))
+
+
+def test_non_linear_target_is_refused():
+    with pytest.raises(TypeError, match=r"'model\.embed_tokens' is a Embedding, not a torch\.nn\.Linear"):
+        peft.get_peft_model(tiny_llama(), tucka_llm.TuckAConfig(target_modules=["embed_tokens", "q_proj"]))
+
+
+def test_gates_of_the_wrong_length_are_refused():
+    model = tucka_llama()
+    with (
+        pytest.raises(ValueError, match="3 gates, but each group has t=2 experts"),
+        tucka_llm.routing(model, tucka_llm.Route(0, [0.2, 0.3, 0.5])),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("group", [3, -1])
+def test_group_out_of_range_is_refused(group):
+    model = tucka_llama()
+    with (
+        pytest.raises(ValueError, match=f"group {group} is out of range: the adapter has k=3 groups"),
+        tucka_llm.routing(model, tucka_llm.Route(group, [0.5, 0.5])),
+    ):
+        pass
+
+
+def test_unknown_routing_mode_is_refused():
+    with pytest.raises(ValueError, match="Unknown routing mode 'token'"), tucka_llm.routing(tucka_llama(), "token"):
+        pass

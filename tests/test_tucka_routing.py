@@ -1,0 +1,122 @@
+"""Routing behaviour: padding, batch composition and generation never change a sequence's route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, tucka_llama
+
+import tucka_llm
+from tucka_llm.tucka.routing import routing_states
+
+
+def current_route(model):
+    route = routing_states(model)["default"].route
+    return route.group.clone(), route.gates.clone()
+
+
+def pad(batch, extra: int, side: str, pad_id: int):
+    """The same sequences with ``extra`` more padding columns on ``side``."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pad_ids = torch.full((ids.shape[0], extra), pad_id)
+    pad_mask = torch.zeros_like(pad_ids)
+    if side == "left":
+        return {"input_ids": torch.cat([pad_ids, ids], 1), "attention_mask": torch.cat([pad_mask, mask], 1)}
+    return {"input_ids": torch.cat([ids, pad_ids], 1), "attention_mask": torch.cat([mask, pad_mask], 1)}
+
+
+@pytest.mark.parametrize("mode", ["batch", "sequence"])
+def test_padding_never_moves_the_route(batch, tokenizer, mode):
+    model = tucka_llama(seed=1)
+    routes = []
+    with tucka_llm.routing(model, mode), torch.no_grad():
+        for padded in (batch, pad(batch, 9, "right", tokenizer.pad_token_id), pad(batch, 5, "left", 0)):
+            model(**padded)
+            routes.append(current_route(model))
+    for group, gates in routes[1:]:
+        assert torch.equal(group, routes[0][0])
+        torch.testing.assert_close(gates, routes[0][1], rtol=1e-6, atol=1e-7)
+
+
+def test_padding_would_move_an_unmasked_route(batch, tokenizer):
+    """The control for the test above: without the mask, padding does change the routing decision's inputs."""
+    model = tucka_llama(seed=1)
+    padded = pad(batch, 9, "right", tokenizer.pad_token_id)
+    with tucka_llm.routing(model, "sequence"), torch.no_grad():
+        model(input_ids=padded["input_ids"])
+        unmasked = current_route(model)
+        model(**padded)
+        masked = current_route(model)
+    assert (unmasked[1] - masked[1]).abs().max() > 1e-4
+
+
+def test_sequence_mode_gives_each_sequence_its_own_route(batch):
+    model = tucka_llama(seed=1)
+    lengths = batch["attention_mask"].sum(1)
+    with tucka_llm.routing(model, "sequence"), torch.no_grad():
+        together = model(**batch).logits
+        groups, _ = current_route(model)
+        for b, prompt_length in enumerate(lengths.tolist()):
+            alone = model(input_ids=batch["input_ids"][b : b + 1, :prompt_length]).logits[0]
+            mine = together[b, :prompt_length]
+            assert (mine - alone).norm() / alone.norm() <= 1e-5
+    assert len(set(groups.tolist())) > 1, "the prompts should route differently, or this test proves nothing"
+
+    with tucka_llm.routing(model, "batch"), torch.no_grad():
+        batched = model(**batch).logits
+    assert not torch.allclose(batched, together, atol=1e-4), "batch mode shares one route across the batch"
+
+
+def test_default_mode_is_batch_in_training_and_sequence_in_eval(batch):
+    model = tucka_llama(seed=1)
+    with torch.no_grad():
+        model.train()
+        model(**batch)
+        assert current_route(model)[0].shape == (1,)
+        model.eval()
+        model(**batch)
+        assert current_route(model)[0].shape == (len(PROMPTS),)
+
+
+def test_generate_holds_the_prefill_route(tokenizer):
+    """Greedy generation in sequence mode equals generation under the fixed Route that the prompt alone selects."""
+    model = tucka_llama(seed=1)
+    tokenizer.padding_side = "left"
+    prompts = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    settings = dict(max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with tucka_llm.routing(model, "sequence"), torch.no_grad():
+        batched = model.generate(**prompts, **settings)[:, prompts["input_ids"].shape[1] :]
+    decode_routes_differ = False
+    for b, prompt in enumerate(PROMPTS):
+        alone = tokenizer(prompt, return_tensors="pt")
+        with tucka_llm.routing(model, "sequence"), torch.no_grad():
+            model(**alone)
+            group, gates = current_route(model)
+            # what a router that re-routed at a decode step would see: the last generated token alone
+            model(input_ids=batched[b : b + 1, -1:])
+            decode_routes_differ |= not torch.equal(current_route(model)[1], gates)
+        route = tucka_llm.Route(int(group[0]), gates[0].tolist())
+        with tucka_llm.routing(model, route), torch.no_grad():
+            fixed = model.generate(**alone, **settings)[0, alone["input_ids"].shape[1] :]
+        assert batched[b].tolist() == fixed.tolist(), f"prompt {b}"
+    assert decode_routes_differ, "re-routing per decode step would have changed the route; the test must see that"
+
+
+def test_expert_load_counts_routes_since_last_read(batch):
+    model = tucka_llama(seed=1)
+    with tucka_llm.routing(model, "sequence"), torch.no_grad():
+        model(**batch)
+        groups, gates = current_route(model)
+        model(**batch)
+    load = tucka_llm.expert_load(model)["default"]
+    assert load.routes == 2 * len(PROMPTS)
+    expected = torch.bincount(groups, minlength=3) * 2
+    assert load.counts == expected.tolist()
+    assert sum(load.fraction) == pytest.approx(1.0)
+    first = int(groups[0])
+    mine = gates[groups == first].mean(0)
+    assert load.mean_gates[first] == pytest.approx(mine.tolist(), rel=1e-5)
+    probabilities = expected.float() / expected.sum()
+    entropy = float(-(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum())
+    assert load.entropy == pytest.approx(entropy, rel=1e-6)
+    assert tucka_llm.expert_load(model)["default"].routes == 0  # reset by the read

@@ -1,0 +1,30 @@
+"""tucka-llm: TuckA, LoRA and DoRA fine-tuning of LLMs with peft and DeepSpeed, merged export, vLLM evaluation.
+
+``import tucka_llm`` registers TuckA with the installed peft, so ``peft.get_peft_model(model, TuckAConfig())``,
+``save_pretrained`` and ``peft.PeftModel.from_pretrained`` work for TuckA adapters.
+"""
+
+from tucka_llm.tucka import (
+    ExpertLoad,
+    Route,
+    TuckAConfig,
+    TuckALayer,
+    TuckAModel,
+    data_aware_init,
+    expert_load,
+    routing,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExpertLoad",
+    "Route",
+    "TuckAConfig",
+    "TuckALayer",
+    "TuckAModel",
+    "__version__",
+    "data_aware_init",
+    "expert_load",
+    "routing",
+]

@@ -1,0 +1,23 @@
+"""Model architectures the project builds without the hub (for parameter counts, benchmarks and tests)."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+
+def llama2_7b_config() -> LlamaConfig:
+    """The architecture of meta-llama/Llama-2-7b-hf (its config.json), so that sizes and memory can be measured on
+    random or meta-device weights without downloading anything."""
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )

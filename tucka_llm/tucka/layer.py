@@ -1,0 +1,230 @@
+"""TuckALayer: the TuckA adapter of one Linear layer (method note, section 1).
+
+Per adapter, trainable: cores G (k, p, r, r), expert factor C (t, p), subspace factor U (d, r); the routing layer
+also holds the centroids E (k*t, d). With route (group i, gates g) the layer computes
+
+    M = alpha * sum_j g_j sum_q C^[j, q] G^_i[q]        (r x r; ^ = divided by its Frobenius norm)
+    y = base_layer(x + (x U^) M U^T)
+
+i.e. W (I + alpha U^ M U^T)^T: two thin (d x r) matmuls per token, like LoRA; no d x d matrix is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from tucka_llm.tucka.config import TuckAConfig
+from tucka_llm.tucka.routing import (
+    ActiveRoute,
+    Route,
+    RoutingState,
+    fixed_route,
+    route_from_features,
+    routing_features,
+)
+
+
+class FeaturesCollected(Exception):
+    """Raised by the routing layer during calibration: the rest of the forward is not needed."""
+
+
+class TuckALayer(nn.Module, BaseTunerLayer):
+    """A Linear layer with TuckA adapters; one adapter's layers share a ``RoutingState``."""
+
+    adapter_layer_names = ("tucka_core", "tucka_expert", "tucka_subspace", "tucka_centroids")
+    other_param_names = ("tucka_alpha",)
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: TuckAConfig,
+        state: RoutingState,
+        is_router: bool,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"TuckA adapts torch.nn.Linear layers only, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.tucka_core = nn.ParameterDict()  # G
+        self.tucka_expert = nn.ParameterDict()  # C
+        self.tucka_subspace = nn.ParameterDict()  # U
+        self.tucka_centroids = nn.ParameterDict()  # E, routing layer only
+        self.tucka_alpha: dict[str, float] = {}
+        self.tucka_state: dict[str, RoutingState] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, state, is_router)
+
+    def update_layer(
+        self, adapter_name: str, config: TuckAConfig, state: RoutingState, is_router: bool, inference_mode: bool = False
+    ) -> None:
+        """Create (and initialise) the factors of one adapter on this layer."""
+        d, r, k, t, p = self.in_features, config.r, config.k, config.t, config.p
+        if r > d:
+            raise ValueError(f"TuckAConfig: r={r} is larger than the input size {d} of the adapted layer: lower r.")
+        self.tucka_core[adapter_name] = nn.Parameter(torch.empty(k, p, r, r))
+        self.tucka_expert[adapter_name] = nn.Parameter(torch.empty(t, p))
+        self.tucka_subspace[adapter_name] = nn.Parameter(torch.empty(d, r))
+        if is_router:
+            self.tucka_centroids[adapter_name] = nn.Parameter(torch.empty(k * t, d))
+        self.tucka_alpha[adapter_name] = float(config.alpha)
+        self.tucka_state[adapter_name] = state
+        self.reset_tucka_parameters(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def reset_tucka_parameters(self, adapter_name: str) -> None:
+        """The authors' initialisation: one Kaiming-uniform r x r matrix copied into every (i, q) core slice; U and C
+        Kaiming-uniform with mode fan_out. The update is therefore not zero at step 0. The centroids get a
+        Kaiming-uniform placeholder until ``data_aware_init`` calibrates them."""
+        core = self.tucka_core[adapter_name]
+        one = torch.empty(core.shape[-2:])
+        nn.init.kaiming_uniform_(one, a=math.sqrt(5))
+        core.copy_(one.expand_as(core))
+        nn.init.kaiming_uniform_(self.tucka_subspace[adapter_name], mode="fan_out", a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.tucka_expert[adapter_name], mode="fan_out", a=math.sqrt(5))
+        if adapter_name in self.tucka_centroids:
+            nn.init.kaiming_uniform_(self.tucka_centroids[adapter_name], a=math.sqrt(5))
+
+    # ----------------------------------------------------------------------------------------------- routing
+    def _route(self, adapter_name: str, x: torch.Tensor) -> ActiveRoute:
+        state = self.tucka_state[adapter_name]
+        if adapter_name in self.tucka_centroids:
+            return self._decide_route(adapter_name, x, state)
+        if state.route is None:
+            raise RuntimeError(
+                f"TuckA adapter '{adapter_name}': this layer ran before its routing layer '{state.router_module}' in "
+                "this forward. Set TuckAConfig(router_module=...) to a layer that runs before every adapted layer."
+            )
+        return state.route
+
+    def _decide_route(self, adapter_name: str, x: torch.Tensor, state: RoutingState) -> ActiveRoute:
+        """The routing layer decides once per forward; the decision is held during decode steps.
+
+        A second call in the same forward (the recomputation of gradient checkpointing) repeats the same operations,
+        as checkpointing requires, but neither replaces the stored route nor counts it again.
+        """
+        if state.held:
+            return state.route
+        centroids = self.tucka_centroids[adapter_name]
+        mode = state.effective_mode(self.training)
+        if state.calibration is not None:
+            state.calibration.append(routing_features(x.detach().float(), state.attention_mask))
+            raise FeaturesCollected
+        if isinstance(mode, Route):
+            route = fixed_route(mode, centroids.device, centroids.dtype)
+        else:
+            features = routing_features(x.to(centroids.dtype), state.attention_mask)
+            if mode == "batch":
+                features = features.mean(dim=0, keepdim=True)
+            route = route_from_features(centroids, features, state.k, state.t)
+        if state.route is None:
+            state.route = route
+            state.record(route)
+        return route
+
+    # ----------------------------------------------------------------------------------------------- update
+    def mixing_matrix(self, adapter_name: str, route: ActiveRoute) -> torch.Tensor:
+        """alpha * sum_j g_j (C^ x1 G^_i)[j]: (n, r, r), one per route."""
+        cores = self.tucka_core[adapter_name].index_select(0, route.group)  # (n, p, r, r)
+        cores = cores / cores.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        expert = self.tucka_expert[adapter_name]
+        coefficients = route.gates.to(expert.dtype) @ (expert / expert.norm())  # (n, p)
+        return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->nrs", coefficients, cores)
+
+    def _add_update(self, adapter_name: str, x: torch.Tensor, acc: torch.Tensor, route: ActiveRoute) -> torch.Tensor:
+        """acc + (x U^) M U^T in the adapter's dtype, the last matmul fused with the sum (addmm)."""
+        subspace = self.tucka_subspace[adapter_name]
+        u = subspace / subspace.norm()
+        m = self.mixing_matrix(adapter_name, route)
+        xu = x @ u
+        if m.shape[0] == 1:
+            xum = xu @ m[0]
+        elif x.dim() == 3 and x.shape[0] == m.shape[0]:
+            xum = torch.matmul(xu, m)  # one route per sequence, batched
+        else:
+            raise ValueError(
+                f"TuckA: {m.shape[0]} per-sequence routes do not fit an input of shape {tuple(x.shape)}; "
+                "use routing mode 'batch' for inputs without a batch dimension."
+            )
+        out = torch.addmm(acc.reshape(-1, acc.shape[-1]), xum.reshape(-1, xum.shape[-1]), u.t())
+        return out.view(acc.shape)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapted: torch.Tensor | None = None
+        for name in self.active_adapters:
+            if name not in self.tucka_core:
+                continue
+            route = self._route(name, x)
+            xa = x.to(self.tucka_subspace[name].dtype)
+            adapted = self._add_update(name, xa, xa if adapted is None else adapted, route)
+        if adapted is None:
+            return self.base_layer(x, *args, **kwargs)
+        # One rounding of (x + update) to the base dtype: the update is summed at adapter precision.
+        return self.base_layer(adapted.to(x.dtype), *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- merging
+    def delta_factor(self, adapter_name: str, route: Route) -> torch.Tensor:
+        """alpha U^ M^T U^T in fp32 (d x d) for a fixed route, so that W' = W + W @ delta_factor (section 4)."""
+        device = self.tucka_subspace[adapter_name].device
+        active = fixed_route(route, device, torch.float32)
+        with torch.no_grad():
+            subspace = self.tucka_subspace[adapter_name].float()
+            u = subspace / subspace.norm()
+            core = self.tucka_core[adapter_name].float().index_select(0, active.group)
+            core = core / core.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            expert = self.tucka_expert[adapter_name].float()
+            m = torch.einsum("np,nprs->rs", active.gates @ (expert / expert.norm()), core)
+            return self.tucka_alpha[adapter_name] * (u @ m.t() @ u.t())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the adapters into the base weight under the fixed route set with ``tucka_llm.routing``.
+
+        All adapters are folded in one product, W (I + sum_a delta_a)^T, exactly what the unmerged forward computes;
+        the product is taken in fp32 and cast once to the base dtype.
+        """
+        names = check_adapters_to_merge(self, adapter_names)
+        names = [n for n in names if n in self.tucka_core]
+        if not names:
+            return
+        if self.merged:
+            raise ValueError("TuckA: adapters already merged into this layer; merge all adapters in one call.")
+        factor = None
+        for name in names:
+            route = self.tucka_state[name].mode
+            if not isinstance(route, Route):
+                raise ValueError(
+                    f"TuckA adapter '{name}' routes per input and cannot be merged as is: choose the route to fold, "
+                    "e.g. `with tucka_llm.routing(model, tucka_llm.Route(group, gates)): model.merge_and_unload()`."
+                )
+            delta = self.delta_factor(name, route)
+            factor = delta if factor is None else factor + delta
+        weight = self.get_base_layer().weight
+        merged = weight.float() + weight.float() @ factor.to(weight.device)
+        if safe_merge and not torch.isfinite(merged).all():
+            raise ValueError(f"TuckA: merging adapters {names} produced non-finite weights; nothing was changed.")
+        weight.data = merged.to(weight.dtype)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        raise RuntimeError(
+            "TuckA merges are one-way (W' = W(I + A) would need a d x d inverse): reload the base model and adapter."
+        )
+
+    def __repr__(self) -> str:
+        return "tucka." + super().__repr__()
