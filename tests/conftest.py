@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import peft
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import tucka_llm
-
-FIXTURES = Path(__file__).parent / "fixtures"
+from tucka_llm.data import llama2_tokenizer
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -52,9 +49,8 @@ def tucka_llama(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) 
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    tok = AutoTokenizer.from_pretrained(FIXTURES / "llama2_tokenizer")
-    tok.pad_token = tok.eos_token  # Llama-2 has no pad token; EOS is the usual choice
-    return tok
+    """The real Llama-2 tokenizer shipped with the package."""
+    return llama2_tokenizer()
 
 
 @pytest.fixture

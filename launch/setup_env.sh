@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Creates .venv (once) and installs tucka-llm into it, CPU build, in the order that works (README, "Install").
+# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "dev"; e.g. "train,dev")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+stamp=".venv/.tucka-installed-$(sha256sum pyproject.toml | cut -c1-12)-${extras//,/_}"
+[ -f "$stamp" ] && exit 0
+
+python3 -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first: a bare torch requirement pulls a multi-GB CUDA build. 2.13.0 is the CPU wheel where one lies in
+# pip's find-links (our CI machines); elsewhere add --index-url https://download.pytorch.org/whl/cpu.
+pip install -q "torch==2.13.0"
+# DS_BUILD_OPS=0: DeepSpeed builds its ops just in time, only those a run uses.
+DS_BUILD_OPS=0 pip install -q -e ".[${extras}]"
+touch "$stamp"
