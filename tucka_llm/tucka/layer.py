@@ -133,18 +133,22 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         return route
 
     # ----------------------------------------------------------------------------------------------- update
-    def mixing_matrix(self, adapter_name: str, route: ActiveRoute) -> torch.Tensor:
-        """alpha * sum_j g_j (C^ x1 G^_i)[j]: (n, r, r), one per route."""
-        cores = self.tucka_core[adapter_name].index_select(0, route.group)  # (n, p, r, r)
+    def mixing_matrix(self, adapter_name: str, route: ActiveRoute, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """alpha * sum_j g_j (C^ x1 G^_i)[j]: (n, r, r), one per route, in ``dtype`` (default: the adapter's)."""
+        cores = self.tucka_core[adapter_name].index_select(0, route.group).to(dtype)  # (n, p, r, r)
         cores = cores / cores.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        expert = self.tucka_expert[adapter_name]
+        expert = self.tucka_expert[adapter_name].to(dtype)
         coefficients = route.gates.to(expert.dtype) @ (expert / expert.norm())  # (n, p)
         return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->nrs", coefficients, cores)
 
+    def normalised_subspace(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """U / ||U||_F in ``dtype`` (default: the adapter's)."""
+        subspace = self.tucka_subspace[adapter_name].to(dtype)
+        return subspace / subspace.norm()
+
     def _add_update(self, adapter_name: str, x: torch.Tensor, acc: torch.Tensor, route: ActiveRoute) -> torch.Tensor:
         """acc + (x U^) M U^T in the adapter's dtype, the last matmul fused with the sum (addmm)."""
-        subspace = self.tucka_subspace[adapter_name]
-        u = subspace / subspace.norm()
+        u = self.normalised_subspace(adapter_name)
         m = self.mixing_matrix(adapter_name, route)
         xu = x @ u
         if m.shape[0] == 1:
@@ -181,16 +185,11 @@ class TuckALayer(nn.Module, BaseTunerLayer):
     # ----------------------------------------------------------------------------------------------- merging
     def delta_factor(self, adapter_name: str, route: Route) -> torch.Tensor:
         """alpha U^ M^T U^T in fp32 (d x d) for a fixed route, so that W' = W + W @ delta_factor (section 4)."""
-        device = self.tucka_subspace[adapter_name].device
-        active = fixed_route(route, device, torch.float32)
+        active = fixed_route(route, self.tucka_subspace[adapter_name].device, torch.float32)
         with torch.no_grad():
-            subspace = self.tucka_subspace[adapter_name].float()
-            u = subspace / subspace.norm()
-            core = self.tucka_core[adapter_name].float().index_select(0, active.group)
-            core = core / core.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-            expert = self.tucka_expert[adapter_name].float()
-            m = torch.einsum("np,nprs->rs", active.gates @ (expert / expert.norm()), core)
-            return self.tucka_alpha[adapter_name] * (u @ m.t() @ u.t())
+            u = self.normalised_subspace(adapter_name, torch.float32)
+            m = self.mixing_matrix(adapter_name, active, torch.float32)[0]  # alpha already folded in
+            return u @ m.t() @ u.t()
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight under the fixed route set with ``tucka_llm.routing``.
