@@ -43,8 +43,8 @@ def tokenize(records: list[dict], tokenizer, max_len: int) -> dict[str, torch.Te
     tokenizer.padding_side = "right"
     batch = tokenizer(full, return_tensors="pt", padding=True, truncation=True, max_length=max_len)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    for row, prompt in enumerate(prompts):
-        labels[row, : len(tokenizer(prompt).input_ids)] = -100
+    for row, prompt_ids in enumerate(tokenizer(prompts).input_ids):
+        labels[row, : len(prompt_ids)] = -100
     return {**batch, "labels": labels}
 
 
