@@ -13,7 +13,7 @@ from tucka_llm.tucka.layer import TuckALayer
 from tucka_llm.tucka.routing import RoutingState, install_forward_hook
 
 
-def _linear_layer_names(model: nn.Module) -> list[str]:
+def linear_layer_names(model: nn.Module) -> list[str]:
     """Distinct last name components of the Linear layers of ``model`` (what target_modules can name)."""
     names = {key.rsplit(".", 1)[-1] for key, module in model.named_modules() if isinstance(module, nn.Linear)}
     return sorted(names)
@@ -41,7 +41,7 @@ class TuckAModel(BaseTuner):
             targets = sorted(targets) if isinstance(targets, set) else targets
             raise ValueError(
                 f"TuckAConfig.target_modules={targets!r} "
-                f"matches no module of this model. Its Linear layers are: {', '.join(_linear_layer_names(model))}."
+                f"matches no module of this model. Its Linear layers are: {', '.join(linear_layer_names(model))}."
             )
         for key in matched:
             module = model.get_submodule(key)
@@ -49,7 +49,7 @@ class TuckAModel(BaseTuner):
             if not isinstance(base, nn.Linear):
                 raise TypeError(
                     f"TuckA target '{key}' is a {type(base).__name__}, not a torch.nn.Linear: remove it from "
-                    f"target_modules. Linear layers of this model: {', '.join(_linear_layer_names(model))}."
+                    f"target_modules. Linear layers of this model: {', '.join(linear_layer_names(model))}."
                 )
             if config.r > base.in_features:
                 raise ValueError(

@@ -65,6 +65,18 @@ class ExpertLoad:
     mean_gates: list[list[float]]
     entropy: float
 
+    @classmethod
+    def from_sums(cls, counts: torch.Tensor, gate_sums: torch.Tensor) -> ExpertLoad:
+        """From route counts per group (k,) and the sums of the chosen gates per group (k, t)."""
+        counts, gate_sums = counts.double().cpu(), gate_sums.double().cpu()
+        total = float(counts.sum())
+        fraction = [float(c) / total if total else 0.0 for c in counts]
+        mean_gates = [
+            [float(g) / float(c) if c else 0.0 for g in row] for row, c in zip(gate_sums, counts, strict=True)
+        ]
+        entropy = sum(-f * math.log(f) for f in fraction if f > 0)
+        return cls(int(total), [int(c) for c in counts], fraction, mean_gates, entropy)
+
 
 class RoutingState:
     """What the layers of one TuckA adapter share: the routing mode, the current route and the load statistics.
@@ -107,21 +119,22 @@ class RoutingState:
             self._load_counts.index_add_(0, route.group, torch.ones_like(route.group, dtype=torch.float32))
             self._load_gates.index_add_(0, route.group, route.gates.detach().float())
 
-    def read_load(self, reset: bool = True) -> ExpertLoad:
-        """Statistics since the last read (one host synchronisation)."""
+    def load_sums(self, reset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw statistics since the last read, on the CPU: route counts per group (k,) and gate sums (k, t).
+
+        Sums, so that data-parallel ranks can add theirs up before ``ExpertLoad.from_sums``.
+        """
         if self._load_counts is None:
             counts, gate_sums = torch.zeros(self.k), torch.zeros(self.k, self.t)
         else:
             counts, gate_sums = self._load_counts.cpu(), self._load_gates.cpu()
         if reset:
             self._load_counts = self._load_gates = None
-        total = float(counts.sum())
-        fraction = [float(c) / total if total else 0.0 for c in counts]
-        mean_gates = [
-            [float(g) / float(c) if c else 0.0 for g in row] for row, c in zip(gate_sums, counts, strict=True)
-        ]
-        entropy = sum(-f * math.log(f) for f in fraction if f > 0)
-        return ExpertLoad(int(total), [int(c) for c in counts], fraction, mean_gates, entropy)
+        return counts, gate_sums
+
+    def read_load(self, reset: bool = True) -> ExpertLoad:
+        """Statistics since the last read (one host synchronisation)."""
+        return ExpertLoad.from_sums(*self.load_sums(reset))
 
 
 def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,109 @@
+"""The base model and its adapter for a training run: TuckA (ours) or peft's own LoRA and DoRA."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import datasets
+import peft
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+import tucka_llm
+from tucka_llm.atomic import atomic_write
+from tucka_llm.training.options import TrainOptions
+from tucka_llm.tucka.layer import TuckALayer
+from tucka_llm.tucka.model import linear_layer_names
+
+logger = logging.getLogger("tucka_llm")
+
+
+class ModelError(ValueError):
+    """A base model that cannot be adapted as asked; the message says which flag to change."""
+
+
+def load_base_model(options: TrainOptions) -> PreTrainedModel:
+    """The base model in the run's precision, on the CPU (the DeepSpeed engine moves it to the accelerator)."""
+    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
+    try:
+        return AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype, low_cpu_mem_usage=True)
+    except OSError as error:
+        raise ModelError(
+            f"--model {options.model}: could not load it ({error}). Give a local model directory or a hub id this "
+            "machine can download."
+        ) from error
+
+
+def check_target_modules(model: nn.Module, targets: list[str]) -> None:
+    """Every --target-modules name must name Linear layers of ``model``; else list the ones it has."""
+    linear = linear_layer_names(model)
+    missing = [name for name in targets if name not in linear]
+    if missing:
+        raise ModelError(
+            f"--target-modules: {', '.join(missing)} not found among the Linear layers of {type(model).__name__}. "
+            f"Its Linear layers are: {', '.join(linear)}."
+        )
+
+
+def adapter_config(options: TrainOptions) -> peft.PeftConfig:
+    """The peft config of the run's method."""
+    if options.method == "tucka":
+        return tucka_llm.TuckAConfig(
+            r=options.r,
+            k=options.k,
+            t=options.t,
+            p=options.p,
+            alpha=options.alpha,
+            perturb_scale=options.perturb_scale,
+            target_modules=options.target_module_list,
+            task_type="CAUSAL_LM",
+        )
+    return peft.LoraConfig(
+        r=options.lora_r,
+        lora_alpha=options.lora_alpha,
+        lora_dropout=options.lora_dropout,
+        target_modules=options.target_module_list,
+        use_dora=options.method == "dora",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_adapter(model: PreTrainedModel, options: TrainOptions) -> peft.PeftModel:
+    check_target_modules(model, options.target_module_list)
+    torch.manual_seed(options.seed)  # the same adapter init on every rank
+    return peft.get_peft_model(model, adapter_config(options))
+
+
+def calibration_batches(
+    data: datasets.Dataset, samples: int, seed: int, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
+) -> Iterator[dict[str, torch.Tensor]]:
+    """A seeded random sample of ``samples`` training sequences, padded in batches of 16: the same on every rank."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
+    for start in range(0, len(order), 16):
+        rows = [{"input_ids": data[i]["input_ids"]} for i in order[start : start + 16]]
+        batch = collate(rows)
+        yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def router_centroids(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The centroid parameter E of every TuckA adapter, by adapter name."""
+    return {
+        name: m.tucka_centroids[name]
+        for m in model.modules()
+        if isinstance(m, TuckALayer)
+        for name in m.tucka_centroids
+    }
+
+
+def save_router_calibration(
+    path: Path, centroids: dict[str, torch.Tensor], dai: dict[str, torch.Tensor], meta: dict[str, str]
+) -> None:
+    """What export needs to route by the training-data centroid: ``e`` and the DAI matrix, per adapter."""
+    tensors = {f"{name}.centroid": e.float().contiguous() for name, e in centroids.items()}
+    tensors |= {f"{name}.dai_init": e.float().contiguous() for name, e in dai.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

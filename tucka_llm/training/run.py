@@ -1,0 +1,361 @@
+"""One training run of ``launch/train.py``: data, model and adapter, DAI, the HF Trainer over DeepSpeed, output.
+
+DeepSpeed is the distributed engine (through ``transformers.Trainer``); ranks come from DeepSpeed's launcher. The
+order matters: the router is calibrated (DAI) on the base model, on every rank alike, before the Trainer builds
+the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI values (``StartFromDAI``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
+
+import tucka_llm
+from tucka_llm.atomic import atomic_write_json, atomic_write_text
+from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.training import checkpoints
+from tucka_llm.training.adapters import (
+    add_adapter,
+    calibration_batches,
+    load_base_model,
+    router_centroids,
+    save_router_calibration,
+)
+from tucka_llm.training.options import OPTIMIZERS, TrainOptions
+from tucka_llm.training.trainer import RunTrainer, StartFromDAI, StopAtStep, tensor_digest
+from tucka_llm.tucka.dai import data_aware_init
+
+logger = logging.getLogger("tucka_llm")
+
+RUN_CONFIG = "run_config.json"
+METRICS = "metrics.jsonl"
+ROUTER_CALIBRATION = "tucka_router_calibration.safetensors"
+FINAL_FILES_LAST = ("adapter_config.json", "adapter_model.safetensors")  # their presence means "finished"
+# Flags that may change between an interrupted run and its --resume without changing what is computed.
+RESUMABLE_CHANGES = {"resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked (output directory, batch sizes, configs); the message names the flag."""
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _setup_logging(rank: int) -> None:
+    """INFO from rank 0; other ranks log only records marked ``extra={"all_ranks": True}`` (per-rank checks)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S"))
+    if rank != 0:
+        handler.addFilter(lambda record: getattr(record, "all_ranks", False))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def gradient_accumulation(options: TrainOptions, world_size: int) -> int:
+    """Micro-batches per optimizer step so that micro batch x ranks x accumulation = global batch."""
+    per_step = options.micro_batch * world_size
+    if options.grad_accum is not None:
+        if options.grad_accum * per_step != options.global_batch and options.global_batch != TrainOptions.global_batch:
+            raise RunError(
+                f"--grad-accum {options.grad_accum} x --micro-batch {options.micro_batch} x {world_size} ranks = "
+                f"{options.grad_accum * per_step}, not --global-batch {options.global_batch}: give only one of them."
+            )
+        return options.grad_accum
+    if options.global_batch % per_step:
+        raise RunError(
+            f"--global-batch {options.global_batch} is not a multiple of --micro-batch {options.micro_batch} x "
+            f"{world_size} ranks: change one of them, or give --grad-accum."
+        )
+    return options.global_batch // per_step
+
+
+def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
+    if options.ds is None:
+        return None
+    try:
+        config = json.loads(Path(options.ds).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise RunError(f"--ds {options.ds}:{error.lineno}: not valid JSON ({error.msg}).") from error
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    if offload and options.optim == "adamw_8bit":
+        raise RunError(f"--optim adamw_8bit cannot run with the optimizer offloaded to the CPU by --ds {options.ds}.")
+    if "optimizer" in config and options.optim != "adamw_torch":
+        raise RunError(f"--ds {options.ds} defines its own optimizer; drop --optim {options.optim} or that section.")
+    return config
+
+
+def _zero_stage(ds_config: dict[str, Any] | None) -> int:
+    return int((ds_config or {}).get("zero_optimization", {}).get("stage", 0))
+
+
+def keep_adapter_whole(ds_config: dict[str, Any], model: torch.nn.Module) -> None:
+    """Under ZeRO-3, keep every trainable tensor unpartitioned (``stage3_param_persistence_threshold``).
+
+    TuckA reads its factors from ParameterDicts inside ``TuckALayer.forward``, which ZeRO-3's per-module fetch hooks
+    never see, and its router's gates carry gradients from every layer back to E, so gathering TuckALayer as a
+    ZeRO-3 leaf module fails in backward (a factor's gradient arrives after the layer was re-partitioned). An
+    adapter is a few MB, so it stays whole on every rank; the base weights are partitioned as usual.
+    """
+    zero = ds_config.setdefault("zero_optimization", {})
+    largest = max(p.numel() for p in model.parameters() if p.requires_grad)
+    threshold = zero.get("stage3_param_persistence_threshold", "auto")
+    if threshold == "auto":  # what the HF Trainer would fill in
+        threshold = 10 * model.config.hidden_size
+    zero["stage3_param_persistence_threshold"] = max(int(threshold), largest)
+
+
+def check_output(output: Path, options: TrainOptions) -> Path | None:
+    """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None)."""
+    finished = all((output / name).is_file() for name in FINAL_FILES_LAST)
+    if not options.resume:
+        if output.exists() and any(output.iterdir()):
+            raise RunError(
+                f"--output {output} is not empty: pass --resume to continue the run in it, or choose another --output."
+            )
+        return None
+    if finished:
+        raise RunError(f"--output {output} holds a finished run (adapter_model.safetensors): nothing to resume.")
+    config_path = output / RUN_CONFIG
+    if not config_path.is_file():
+        raise RunError(f"--resume: {output} has no {RUN_CONFIG}, so no run to resume; drop --resume to start one.")
+    before = json.loads(config_path.read_text(encoding="utf-8"))["options"]
+    changed = {
+        key: (before.get(key), value)
+        for key, value in options.to_dict().items()
+        if key not in RESUMABLE_CHANGES and before.get(key) != value
+    }
+    if changed:
+        listing = "; ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}" for k, (a, b) in changed.items())
+        raise RunError(f"--resume: these flags differ from the run in {output}: {listing}. Use the original flags.")
+    return checkpoints.latest_complete(output / "checkpoints")
+
+
+@contextmanager
+def main_process_first(rank: int) -> Iterator[None]:
+    """Rank 0 does the work (e.g. tokenising into the datasets cache) first; the others then read its cache.
+
+    Rank 0 reaches the barrier even when the work fails, so the others fail on the same error instead of hanging.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed and rank != 0:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if distributed and rank == 0:
+            dist.barrier()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def load_tokenizer(options: TrainOptions) -> PreTrainedTokenizerBase:
+    source = options.tokenizer or options.model
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise RunError(f"--tokenizer {source}: could not load a tokenizer from it ({error}).") from error
+    if tokenizer.pad_token is None:  # Llama-2 has none; padded positions are masked out of attention and loss
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _versions() -> dict[str, str]:
+    packages = ("torch", "transformers", "peft", "deepspeed", "datasets", "accelerate")
+    found = {}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {"tucka_llm": tucka_llm.__version__, **found}
+
+
+def training_arguments(
+    options: TrainOptions, output: Path, grad_accum: int, ds_config: dict | None
+) -> TrainingArguments:
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(output / "tensorboard")
+    return TrainingArguments(
+        output_dir=str(output / "checkpoints"),
+        per_device_train_batch_size=options.micro_batch,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        learning_rate=options.lr,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        optim=OPTIMIZERS[options.optim],
+        bf16=options.precision == "bf16",
+        gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # reentrant checkpointing gives E no gradient
+        seed=options.seed,
+        data_seed=options.seed,
+        deepspeed=ds_config,
+        use_cpu=not torch.cuda.is_available(),
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=None,  # RunTrainer rotates, counting complete checkpoints only
+        report_to=["tensorboard"],
+        include_num_input_tokens_seen="non_padding",
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def train(options: TrainOptions) -> Path | None:
+    """Run ``options``; return the output directory when the run finished, None when it stopped at --stop-at-step."""
+    rank, world_size = _rank()
+    _setup_logging(rank)
+    output = Path(options.output)
+    grad_accum = gradient_accumulation(options, world_size)
+    ds_config = load_ds_config(options)
+    if world_size > 1 and ds_config is None:
+        raise RunError("Several ranks need DeepSpeed: pass --ds ds_configs/zero2.json (or another config).")
+    resume_from = check_output(output, options)
+    if ds_config is not None:
+        import deepspeed
+
+        deepspeed.init_distributed()
+    _barrier()  # every rank has checked the output directory before rank 0 changes it
+    if rank == 0:
+        output.mkdir(parents=True, exist_ok=True)
+        _prepare_resume(output, resume_from)
+
+    tokenizer = load_tokenizer(options)
+    with main_process_first(rank):
+        tokenized = tokenize_metamathqa(
+            load_metamathqa(options.data, options.num_examples), tokenizer, options.max_len, options.overlong
+        )
+    logger.info("data %s: %s", options.data, tokenized.summary(options.max_len))
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    model = add_adapter(load_base_model(options), options)
+    if rank == 0:
+        model.print_trainable_parameters()
+    callbacks = []
+    if options.method == "tucka":
+        centroids = router_centroids(model)
+        if resume_from is None:
+            batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, collator)
+            e = data_aware_init(model, batches, seed=options.seed)
+            dai = {name: param.detach().float().cpu().clone() for name, param in centroids.items()}
+            if rank == 0:
+                meta = {"samples": str(min(options.dai_samples, len(tokenized.dataset))), "seed": str(options.seed)}
+                save_router_calibration(output / ROUTER_CALIBRATION, e, dai, meta | {"data": options.data})
+            callbacks.append(StartFromDAI(dai, centroids, rank))
+    if _zero_stage(ds_config) == 3:
+        keep_adapter_whole(ds_config, model)
+    if options.stop_at_step is not None:
+        callbacks.append(StopAtStep(options.stop_at_step))
+
+    args = training_arguments(options, output, grad_accum, ds_config)
+    if rank == 0 and resume_from is None:
+        atomic_write_json(
+            output / RUN_CONFIG,
+            {
+                "options": options.to_dict(),
+                "world_size": world_size,
+                "gradient_accumulation_steps": grad_accum,
+                "global_batch": options.micro_batch * world_size * grad_accum,
+                "deepspeed_config": ds_config,
+                "data": {
+                    "examples": len(tokenized.dataset),
+                    "records": tokenized.total,
+                    "truncated": tokenized.truncated,
+                    "dropped": tokenized.dropped,
+                },
+                "versions": _versions(),
+            },
+        )
+    trainer = RunTrainer(
+        model=model,
+        args=args,
+        train_dataset=tokenized.dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        metrics_path=output / METRICS,
+        save_total_limit=options.save_total_limit,
+    )
+    if resume_from is not None:
+        logger.info("resuming from %s", resume_from)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if trainer.state.global_step < trainer.state.max_steps:
+        logger.info(
+            "stopped at step %d of %d; continue with --resume", trainer.state.global_step, trainer.state.max_steps
+        )
+        return None
+    _check_ranks_agree(trainer, ds_config, rank)
+    _save_final(trainer, output, rank)
+    logger.info("finished: adapter, tokenizer and metrics in %s", output)
+    return output
+
+
+def _prepare_resume(output: Path, resume_from: Path | None) -> None:
+    """Rank 0: drop checkpoints a killed run left half-written, and metrics logged after the resumed step."""
+    for path in checkpoints.remove_incomplete(output / "checkpoints"):
+        logger.info("removed incomplete checkpoint %s (the run was stopped while writing it)", path)
+    metrics = output / METRICS
+    if metrics.is_file():
+        step = json.loads((resume_from / checkpoints.COMPLETE_MARKER).read_text())["step"] if resume_from else 0
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
+        atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")  # a line cut short by a kill: drop it
+
+
+def _check_ranks_agree(trainer: RunTrainer, ds_config: dict | None, rank: int) -> None:
+    """Data parallelism keeps one adapter on every rank; check that it did (one digest per rank in the log)."""
+    params = [p for _, p in sorted(trainer.model.named_parameters()) if p.requires_grad]
+    if _zero_stage(ds_config) == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params):
+            digest = tensor_digest(*params)
+    else:
+        digest = tensor_digest(*params)
+    logger.info("rank %d: trained adapter digest %s", rank, digest, extra={"all_ranks": True})
+    if dist.is_available() and dist.is_initialized():
+        digests: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"The ranks hold different adapters after training: {digests}. Please report this.")
+
+
+def _save_final(trainer: RunTrainer, output: Path, rank: int) -> None:
+    """Save the adapter and tokenizer beside the run files; adapter_model.safetensors arrives last, by rename."""
+    staging = output / ".final.tmp"
+    trainer.save_model(str(staging))  # every rank: DeepSpeed gathers ZeRO-3 shards here
+    _barrier()
+    if rank == 0:
+        (staging / "training_args.bin").unlink(missing_ok=True)
+        names = sorted(p.name for p in staging.iterdir() if p.name not in FINAL_FILES_LAST)
+        for name in [*names, *FINAL_FILES_LAST]:
+            os.replace(staging / name, output / name)
+        shutil.rmtree(staging)
+    _barrier()

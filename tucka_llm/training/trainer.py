@@ -1,0 +1,154 @@
+"""The HF Trainer with what our runs add: metrics.jsonl, throughput, memory and expert load in the logs, checkpoints
+that count only when complete, the DAI centroids put into DeepSpeed's fp32 master weights, and a stop step."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tucka_llm.training import checkpoints
+from tucka_llm.tucka.routing import ExpertLoad, routing_states
+
+logger = logging.getLogger("tucka_llm")
+
+
+def _peak_memory_gb() -> float:
+    """Peak accelerator memory of this process (CUDA), else its peak resident memory (CPU runs)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class RunTrainer(Trainer):
+    """``transformers.Trainer`` for one run of ``launch/train.py``.
+
+    ``log`` adds tokens/s (non-padding tokens, all ranks), peak memory per rank and, for TuckA, the expert-group
+    load and routing entropy summed over ranks, then appends the record to ``metrics.jsonl`` on rank 0.
+    ``_save_checkpoint`` marks a checkpoint complete only after every rank has written its part.
+    """
+
+    def __init__(self, *args: Any, metrics_path: Path, save_total_limit: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.metrics_path = metrics_path
+        self.keep_checkpoints = save_total_limit
+        self._clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+        self._tucka = any(True for _ in _tucka_states(self.model))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training-step log (not the end-of-run summary)
+            logs.update(self._throughput())
+            logs.update(self._peak_memory())
+            if self._tucka:
+                logs.update(self._expert_load())
+        super().log(logs, start_time)
+        if "loss" in logs and self.is_world_process_zero():
+            record = {"step": self.state.global_step, "time": time.time(), **logs}
+            with self.metrics_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _throughput(self) -> dict[str, float]:
+        now, tokens = time.perf_counter(), int(self.state.num_input_tokens_seen)
+        previous, self._clock = self._clock, (now, tokens)
+        if previous is None or now <= previous[0]:
+            return {}
+        return {"tokens_per_s": (tokens - previous[1]) / (now - previous[0])}
+
+    def _peak_memory(self) -> dict[str, float]:
+        local = torch.tensor([_peak_memory_gb()], device=self.args.device, dtype=torch.float64)
+        per_rank = self.accelerator.gather(local).cpu().tolist()
+        return {"peak_memory_gb": max(per_rank)} | {f"peak_memory_gb/rank{i}": v for i, v in enumerate(per_rank)}
+
+    def _expert_load(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, state in _tucka_states(self.model):
+            counts, gates = state.load_sums(reset=True)
+            flat = torch.cat([counts, gates.flatten()]).to(self.args.device, torch.float64)
+            flat = self.accelerator.reduce(flat, reduction="sum").cpu()
+            load = ExpertLoad.from_sums(flat[: state.k], flat[state.k :].view(state.k, state.t))
+            prefix = "" if name == "default" else f"{name}/"
+            out[f"{prefix}routing_entropy"] = load.entropy
+            out |= {f"{prefix}expert_load/group{i}": f for i, f in enumerate(load.fraction)}
+        return out
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk
+        if self.is_world_process_zero():
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            checkpoints.mark_complete(folder, self.state.global_step)
+            checkpoints.rotate(Path(self.args.output_dir), self.keep_checkpoints)
+
+
+def _tucka_states(model: nn.Module) -> list[tuple[str, Any]]:
+    try:
+        return list(routing_states(model).items())
+    except ValueError:  # not a TuckA model
+        return []
+
+
+class StopAtStep(TrainerCallback):
+    """End this invocation after ``step`` with a checkpoint; the schedule stays the full run's (``--stop-at-step``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.global_step >= self.step:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class StartFromDAI(TrainerCallback):
+    """Once the engine exists, make its fp32 master copy of each centroid matrix E exactly the DAI values.
+
+    DAI ran before the engine, so the engine's master was cloned from the model's E; under BF16 that clone holds
+    the bf16 rounding of the DAI values. Setting the master from the fp32 DAI values removes that rounding. Each
+    rank then reads the master back and logs its digest, so a run shows that every rank trains from DAI.
+    """
+
+    def __init__(self, dai: dict[str, torch.Tensor], centroids: dict[str, nn.Parameter], rank: int) -> None:
+        self.dai, self.centroids, self.rank = dai, centroids, rank
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        for name, param in self.centroids.items():
+            value = self.dai[name].to(param.device, torch.float32)
+            if args.deepspeed:
+                safe_set_full_fp32_param(param, value)
+                master = safe_get_full_fp32_param(param)
+            else:
+                master = None
+            if master is None:  # no DeepSpeed master: the parameter itself is what the optimizer updates
+                with torch.no_grad():
+                    param.copy_(value.to(param.dtype))
+                master = param.detach()
+            master = master.float().cpu()
+            error = (master - self.dai[name].float()).abs().max().item()
+            logger.info(
+                "rank %d: adapter %r trains from the DAI centroids: fp32 master digest %s, max |master - DAI| = %.3g",
+                self.rank,
+                name,
+                tensor_digest(master),
+                error,
+                extra={"all_ranks": True},
+            )
+            if error > 0:
+                raise RuntimeError(f"rank {self.rank}: the engine's master copy of E differs from DAI by {error}.")
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """sha256 (first 16 hex digits) of the tensors' float32 bytes: equal digests, equal values."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
