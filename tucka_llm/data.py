@@ -66,7 +66,7 @@ def _json_error_location(path: Path) -> str | None:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as error:
                     return f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})"
                 if not isinstance(record, dict):
@@ -84,6 +84,9 @@ def _json_error_location(path: Path) -> str | None:
 def _load_json_file(path: Path) -> datasets.Dataset:
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: use a .json (list of records) or .jsonl (one record per line) file for --data.")
+    with path.open("rb") as f:
+        if not any(line.strip() for line in f):
+            raise DataError(f"--data {path}: the file has no records.")
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets/pyarrow say neither file nor line: find them ourselves

@@ -125,7 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.num_examples,
         help="use the first N records in file order (omit with --all-examples)",
     )
-    data.add_argument("--all-examples", dest="num_examples", action="store_const", const=None, help="use every record")
+    data.add_argument(
+        "--all-examples",
+        dest="num_examples",
+        action="store_const",
+        const=None,
+        default=argparse.SUPPRESS,
+        help="use every record",
+    )
     data.add_argument("--max-len", type=_positive(int), default=d.max_len, help="tokens per example")
     data.add_argument(
         "--overlong",

@@ -1,0 +1,163 @@
+"""launch/train.py refuses bad input with a message that says what to change, and leaves nothing that looks finished."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_llama
+
+from tucka_llm.data import DataError, llama2_tokenizer
+from tucka_llm.training import build_parser, parse_options, train
+from tucka_llm.training.adapters import ModelError
+from tucka_llm.training.run import RunError, gradient_accumulation
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    llama2_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(tiny_model: Path, output: Path, *flags: str) -> None:
+    base = ["--model", str(tiny_model), "--output", str(output), "--r", "4", "--k", "3", "--alpha", "8"]
+    train(parse_options([*base, "--max-steps", "2", "--global-batch", "1", "--precision", "fp32", *flags]))
+
+
+def assert_not_finished(output: Path) -> None:
+    assert not (output / "adapter_model.safetensors").exists()
+    assert not (output / "adapter_config.json").exists()
+
+
+def test_malformed_json_line_stops_with_file_and_line(tiny_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"query": "1+1?", "response": "2. The answer is: 2"}\n{"query": "2+2?", "response": \n')
+    with pytest.raises(DataError, match=rf"{data}:2: not valid JSON"):
+        run(tiny_model, tmp_path / "out", "--data", str(data))
+    assert_not_finished(tmp_path / "out")
+
+
+def test_record_without_query_or_response_is_named(tiny_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"query": "1+1?", "response": "The answer is: 2"}\n{"query": "2+2?", "answer": "4"}\n')
+    with pytest.raises(DataError, match=r"record 2 \(0-based index 1\) has no 'response'"):
+        run(tiny_model, tmp_path / "out", "--data", str(data))
+
+
+def test_empty_dataset_says_so(tiny_model, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="has no records"):
+        run(tiny_model, tmp_path / "out", "--data", str(tmp_path / "empty.jsonl"))
+
+
+def test_every_example_too_long_says_so(tiny_model, tmp_path):
+    with pytest.raises(DataError, match=r"Every one of the 4 examples is longer than --max-len 32.*Raise --max-len"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--num-examples", "4", "--max-len", "32")
+    assert_not_finished(tmp_path / "out")
+
+
+def test_missing_target_modules_list_the_linear_layers_the_model_has(tiny_model, tmp_path):
+    for method in ("tucka", "lora"):
+        with pytest.raises(
+            ModelError, match=r"c_attn not found .* Its Linear layers are: down_proj, gate_proj, k_proj"
+        ):
+            run(tiny_model, tmp_path / method, "--data", "gsm8k-train", "--num-examples", "4", "--method", method,
+                "--target-modules", "q_proj,c_attn")  # fmt: skip
+
+
+def test_non_empty_output_without_resume_is_refused(tiny_model, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("someone's files")
+    with pytest.raises(RunError, match="is not empty: pass --resume"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train")
+
+
+def test_resume_with_different_flags_lists_them(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    options = parse_options(["--model", str(tiny_model), "--lr", "0.01"]).to_dict()
+    (output / "run_config.json").write_text(json.dumps({"options": options}))
+    with pytest.raises(RunError, match=r"--lr was 0.01, now 0.02.*Use the original flags"):
+        train(parse_options(["--model", str(tiny_model), "--output", str(output), "--lr", "0.02", "--resume"]))
+
+
+def test_resume_of_a_finished_run_or_of_nothing_is_refused(tiny_model, tmp_path):
+    with pytest.raises(RunError, match=r"no run_config\.json, so no run to resume"):
+        train(parse_options(["--model", str(tiny_model), "--output", str(tmp_path / "new"), "--resume"]))
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (finished / name).write_text("")
+    with pytest.raises(RunError, match="holds a finished run"):
+        train(parse_options(["--model", str(tiny_model), "--output", str(finished), "--resume"]))
+
+
+def test_batch_sizes_that_do_not_divide_name_the_flags():
+    with pytest.raises(RunError, match=r"--global-batch 32 is not a multiple of --micro-batch 3 x 2 ranks"):
+        gradient_accumulation(parse_options(["--micro-batch", "3"]), world_size=2)
+    with pytest.raises(RunError, match=r"--grad-accum 3 x --micro-batch 1 x 2 ranks = 6, not --global-batch 8"):
+        gradient_accumulation(parse_options(["--grad-accum", "3", "--global-batch", "8"]), world_size=2)
+    assert gradient_accumulation(parse_options([]), world_size=8) == 4  # the reference run: 32 = 1 x 8 x 4
+
+
+def test_bad_flag_values_are_refused_by_name(capsys):
+    for argv, message in [
+        (["--r", "0"], "argument --r: must be > 0"),
+        (["--method", "ia3"], "argument --method: invalid choice"),
+        (["--warmup-ratio", "1.5"], "--warmup-ratio must be in [0, 1)"),
+        (["--ds", "ds_configs/nope.json"], "--ds ds_configs/nope.json: no such file"),
+    ]:
+        with pytest.raises(SystemExit):
+            parse_options(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_defaults_are_the_papers_reference_run():
+    options = parse_options([])
+    assert (options.model, options.data, options.num_examples) == (
+        "meta-llama/Llama-2-7b-hf",
+        "meta-math/MetaMathQA",
+        100_000,
+    )
+    assert (options.method, options.r, options.k, options.t, options.p) == ("tucka", 16, 4, 2, 2)
+    assert (options.alpha, options.perturb_scale, options.target_module_list) == (512, 20, ["q_proj", "v_proj"])
+    assert (options.epochs, options.max_len, options.precision, options.global_batch) == (2, 512, "bf16", 32)
+    assert (options.micro_batch, options.lr, options.lr_scheduler, options.warmup_ratio) == (1, 1e-3, "cosine", 0.03)
+    assert (options.weight_decay, options.lora_r, options.lora_alpha, options.lora_dropout) == (0, 32, 32, 0)
+
+
+def test_help_explains_every_flag_with_its_default():
+    wide = {**os.environ, "COLUMNS": "400"}  # no line breaks inside defaults
+    result = subprocess.run(
+        [sys.executable, "launch/train.py", "--help"], cwd=ROOT, capture_output=True, text=True, env=wide
+    )
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for action in build_parser()._actions:
+        if action.help == "==SUPPRESS==" or not action.option_strings:
+            continue
+        assert action.option_strings[0] in text
+        assert action.help, action.option_strings
+    assert "(default: 512)" in text and "(default: meta-llama/Llama-2-7b-hf)" in text
+
+
+def test_command_line_errors_are_one_line_without_a_traceback(tiny_model, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"query": "1+1?"\n')
+    command = [sys.executable, "launch/train.py", "--model", str(tiny_model), "--data", str(data), "--output",
+               str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip().splitlines()[-1]
+        == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 17). Fix or remove that record."
+    )
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,166 @@
+"""launch/train.py for real: DeepSpeed on 2 CPU ranks (gloo), a tiny Llama, the real tokenizer, the shipped data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import tiny_llama
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
+from tucka_llm.training import parse_options
+from tucka_llm.training.adapters import add_adapter, calibration_batches, load_base_model
+from tucka_llm.training.trainer import tensor_digest
+from tucka_llm.tucka.dai import data_aware_init
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+TUCKA = ["--r", "4", "--k", "3", "--alpha", "8", "--perturb-scale", "0.5"]
+LORA = ["--lora-r", "4", "--lora-alpha", "8"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random Llama saved with the real Llama-2 tokenizer, as a user's local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    llama2_tokenizer().save_pretrained(path)
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: Path, output: Path, *flags: str, ds: str = "zero2", method: str = "tucka") -> str:
+    """Run the launcher on 2 ranks through DeepSpeed's own launcher; return its output (stdout and stderr)."""
+    command = [
+        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py",
+        "--ds", f"ds_configs/{ds}.json", "--model", str(model), "--data", "gsm8k-train", "--output", str(output),
+        "--method", method, *TUCKA, *LORA, "--save-steps", "1000", *flags,
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    return log
+
+
+def rank_digests(log: str, what: str) -> dict[int, str]:
+    return {int(rank): digest for rank, digest in re.findall(rf"rank (\d): {what} (\w+)", log)}
+
+
+def metrics(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+
+
+SMALL_REPEATED_SET = ["--num-examples", "8", "--max-len", "128", "--micro-batch", "2", "--global-batch", "4"]
+
+
+@pytest.mark.parametrize("method", ["tucka", "lora", "dora"])
+def test_each_method_trains_on_two_ranks_with_falling_loss_and_identical_adapters(tiny_model, tmp_path, method):
+    output = tmp_path / "run"
+    fast = ["--precision", "fp32", "--lr", "1e-2", "--warmup-ratio", "0", "--max-steps", "30", "--logging-steps", "1"]
+    log = launch(tiny_model, output, *SMALL_REPEATED_SET, *fast, method=method)
+
+    losses = [m["loss"] for m in metrics(output)]
+    assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.05, losses
+    digests = rank_digests(log, "trained adapter digest")
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
+
+    saved = load_file(output / "adapter_model.safetensors")
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output)
+    assert peft.get_peft_model_state_dict(model).keys() == saved.keys()
+    assert all(torch.equal(peft.get_peft_model_state_dict(model)[k], v) for k, v in saved.items())
+    assert json.loads((output / "adapter_config.json").read_text())["peft_type"] == {
+        "tucka": "TUCKA", "lora": "LORA", "dora": "LORA"
+    }[method]  # fmt: skip
+
+
+def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a_complete_run(tiny_model, tmp_path):
+    output = tmp_path / "run"
+    flags = [*SMALL_REPEATED_SET, "--max-steps", "4", "--logging-steps", "2", "--dai-samples", "6"]
+    log = launch(tiny_model, output, *flags, "--precision", "bf16")
+
+    calibration = load_file(output / "tucka_router_calibration.safetensors")
+    dai = calibration["default.dai_init"]
+    masters = rank_digests(log, r"adapter 'default' trains from the DAI centroids: fp32 master digest")
+    assert masters == {0: tensor_digest(dai), 1: tensor_digest(dai)}  # exact fp32 DAI values, not bf16-rounded
+
+    # The DAI values are what DAI gives on the same sample and seed, computed here independently of the run.
+    options = parse_options(["--model", str(tiny_model), "--data", "gsm8k-train", *TUCKA, *flags])
+    model = add_adapter(load_base_model(options), options)
+    data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 8), llama2_tokenizer(), 128)
+    collate = DataCollatorForSeq2Seq(llama2_tokenizer(), label_pad_token_id=-100)
+    centroid = data_aware_init(model, calibration_batches(data.dataset, 6, options.seed, collate), seed=options.seed)
+    assert torch.allclose(calibration["default.centroid"], centroid["default"], rtol=1e-5, atol=1e-6)
+    assert bf16_differs_from(dai)
+
+    names = {p.name for p in output.iterdir()}
+    expected = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+    expected |= {
+        "run_config.json",
+        "metrics.jsonl",
+        "tensorboard",
+        "checkpoints",
+        "tucka_router_calibration.safetensors",
+    }
+    assert expected <= names and ".final.tmp" not in names
+    assert any((output / "tensorboard").iterdir())
+    record = metrics(output)[-1]
+    for key in ("loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_memory_gb/rank1", "routing_entropy"):
+        assert key in record, key
+    assert sum(record[f"expert_load/group{i}"] for i in range(3)) == pytest.approx(1.0)
+    config = json.loads((output / "run_config.json").read_text())
+    assert (config["world_size"], config["gradient_accumulation_steps"], config["global_batch"]) == (2, 1, 4)
+    assert config["deepspeed_config"]["zero_optimization"]["stage"] == 2
+
+
+def bf16_differs_from(values: torch.Tensor) -> bool:
+    """The fp32 DAI values are not all representable in bf16 (so the master check above is not vacuous)."""
+    return not torch.equal(values.to(torch.bfloat16).float(), values)
+
+
+def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, tmp_path):
+    # 12 examples, 4 per step: the 8 steps cross two epoch boundaries; accumulation 2 on 2 ranks.
+    flags = ["--num-examples", "12", "--max-len", "128", "--global-batch", "4", "--max-steps", "8", "--save-steps", "4"]
+    flags += ["--precision", "fp32", "--lr", "1e-2", "--logging-steps", "1"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    launch(tiny_model, straight, *flags)
+    first = launch(tiny_model, interrupted, *flags, "--stop-at-step", "5")
+    assert "stopped at step 5 of 8" in first
+    assert not (interrupted / "adapter_model.safetensors").exists()  # a stopped run does not look finished
+    # A run killed while writing checkpoint-6 leaves it without its completion marker: resume must skip it.
+    half_written = interrupted / "checkpoints" / "checkpoint-6"
+    shutil.copytree(interrupted / "checkpoints" / "checkpoint-5", half_written)
+    (half_written / "tucka_checkpoint_complete.json").unlink()
+    second = launch(tiny_model, interrupted, *flags, "--resume")
+    assert "resuming from" in second and "checkpoint-5" in second and not half_written.exists()
+
+    a = load_file(straight / "adapter_model.safetensors")
+    b = load_file(interrupted / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
+    assert [(m["step"], m["loss"]) for m in metrics(interrupted)] == [(m["step"], m["loss"]) for m in metrics(straight)]
+
+
+@pytest.mark.parametrize(("ds", "precision"), [("zero2_offload", "bf16"), ("zero3", "fp32")])
+def test_offload_and_zero3_configs_train_a_few_steps(tiny_model, tmp_path, ds, precision):
+    output = tmp_path / "run"
+    log = launch(tiny_model, output, *SMALL_REPEATED_SET, "--max-steps", "3", "--precision", precision, ds=ds)
+    digests = rank_digests(log, "trained adapter digest")
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(output))
+    assert (output / "adapter_model.safetensors").is_file()
