@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs tucka-llm into it, CPU build, in the order that works (README, "Install").
-# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "dev"; e.g. "train,dev")
+# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "train,dev"; e.g. "train,eval-cpu,dev")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-dev}"
+extras="${1:-train,dev}"
 stamp=".venv/.tucka-installed-$(sha256sum pyproject.toml | cut -c1-12)-${extras//,/_}"
 [ -f "$stamp" ] && exit 0
 

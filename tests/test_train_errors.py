@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -161,3 +162,13 @@ def test_command_line_errors_are_one_line_without_a_traceback(tiny_model, tmp_pa
         == f"error: {data}:1: not valid JSON (Expecting ',' delimiter at column 17). Fix or remove that record."
     )
     assert "Traceback" not in result.stderr
+
+
+def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(tiny_model, tmp_path, monkeypatch):
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(RunError, match=r"--optim adamw_8bit needs bitsandbytes: pip install '\.\[quant\]'"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--optim", "adamw_8bit")

@@ -164,3 +164,14 @@ def test_offload_and_zero3_configs_train_a_few_steps(tiny_model, tmp_path, ds, p
     assert set(digests) == {0, 1} and digests[0] == digests[1]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(output))
     assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_one_process_without_deepspeed_trains_and_saves_a_loadable_adapter(tiny_model, tmp_path):
+    output = tmp_path / "run"
+    command = [sys.executable, "launch/train.py", "--model", str(tiny_model), "--data", "gsm8k-train", "--output",
+               str(output), *TUCKA, *SMALL_REPEATED_SET, "--max-steps", "3", "--precision", "fp32"]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert json.loads((output / "run_config.json").read_text())["deepspeed_config"] is None
+    assert [m["step"] for m in metrics(output)] == [1, 3]  # logging_first_step, then every --logging-steps 10
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output)

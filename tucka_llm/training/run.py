@@ -7,6 +7,7 @@ the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI v
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -17,9 +18,17 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainingArguments
+import transformers
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 import tucka_llm
 from tucka_llm.atomic import atomic_write_json, atomic_write_text
@@ -33,7 +42,7 @@ from tucka_llm.training.adapters import (
     save_router_calibration,
 )
 from tucka_llm.training.options import OPTIMIZERS, TrainOptions
-from tucka_llm.training.trainer import RunTrainer, StartFromDAI, StopAtStep, tensor_digest
+from tucka_llm.training.trainer import LogFinalStep, RunTrainer, StartFromDAI, StopAtStep, tensor_digest
 from tucka_llm.tucka.dai import data_aware_init
 
 logger = logging.getLogger("tucka_llm")
@@ -60,6 +69,8 @@ def _setup_logging(rank: int) -> None:
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(message)s", "%H:%M:%S"))
     if rank != 0:
         handler.addFilter(lambda record: getattr(record, "all_ranks", False))
+        transformers.utils.logging.disable_progress_bar()  # progress bars on rank 0's terminal only
+        datasets.disable_progress_bars()
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -84,6 +95,8 @@ def gradient_accumulation(options: TrainOptions, world_size: int) -> int:
 
 
 def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
+    if options.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RunError("--optim adamw_8bit needs bitsandbytes: pip install '.[quant]' (or use --optim adamw_torch).")
     if options.ds is None:
         return None
     try:
@@ -252,7 +265,7 @@ def train(options: TrainOptions) -> Path | None:
     model = add_adapter(load_base_model(options), options)
     if rank == 0:
         model.print_trainable_parameters()
-    callbacks = []
+    callbacks: list[TrainerCallback] = [LogFinalStep()]
     if options.method == "tucka":
         centroids = router_centroids(model)
         if resume_from is None:

@@ -107,6 +107,14 @@ class StopAtStep(TrainerCallback):
             control.should_training_stop = True
 
 
+class LogFinalStep(TrainerCallback):
+    """Log the last step too, whatever --logging-steps, so that metrics.jsonl always ends with the final loss."""
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class StartFromDAI(TrainerCallback):
     """Once the engine exists, make its fp32 master copy of each centroid matrix E exactly the DAI values.
 
