@@ -125,7 +125,14 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     assert sum(record[f"expert_load/group{i}"] for i in range(3)) == pytest.approx(1.0)
     config = json.loads((output / "run_config.json").read_text())
     assert (config["world_size"], config["gradient_accumulation_steps"], config["global_batch"]) == (2, 1, 4)
-    assert config["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    ds = config["deepspeed_config"]
+    assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        4,
+        2,
+        1,
+    )
+    assert "auto" not in json.dumps(ds)  # every "auto" of ds_configs/zero2.json was filled from the flags
 
 
 def bf16_differs_from(values: torch.Tensor) -> bool:
@@ -156,10 +163,13 @@ def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, t
     assert [(m["step"], m["loss"]) for m in metrics(interrupted)] == [(m["step"], m["loss"]) for m in metrics(straight)]
 
 
-@pytest.mark.parametrize(("ds", "precision"), [("zero2_offload", "bf16"), ("zero3", "fp32")])
-def test_offload_and_zero3_configs_train_a_few_steps(tiny_model, tmp_path, ds, precision):
+@pytest.mark.parametrize(
+    ("ds", "flags"),
+    [("zero2_offload", ["--precision", "bf16"]), ("zero3", ["--precision", "fp32", "--gradient-checkpointing"])],
+)
+def test_offload_and_zero3_configs_train_a_few_steps(tiny_model, tmp_path, ds, flags):
     output = tmp_path / "run"
-    log = launch(tiny_model, output, *SMALL_REPEATED_SET, "--max-steps", "3", "--precision", precision, ds=ds)
+    log = launch(tiny_model, output, *SMALL_REPEATED_SET, "--max-steps", "3", *flags, ds=ds)
     digests = rank_digests(log, "trained adapter digest")
     assert set(digests) == {0, 1} and digests[0] == digests[1]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(output))

@@ -42,7 +42,14 @@ from tucka_llm.training.adapters import (
     save_router_calibration,
 )
 from tucka_llm.training.options import OPTIMIZERS, TrainOptions
-from tucka_llm.training.trainer import LogFinalStep, RunTrainer, StartFromDAI, StopAtStep, tensor_digest
+from tucka_llm.training.trainer import (
+    LogFinalStep,
+    RecordDeepSpeedConfig,
+    RunTrainer,
+    StartFromDAI,
+    StopAtStep,
+    tensor_digest,
+)
 from tucka_llm.tucka.dai import data_aware_init
 
 logger = logging.getLogger("tucka_llm")
@@ -278,6 +285,8 @@ def train(options: TrainOptions) -> Path | None:
             callbacks.append(StartFromDAI(dai, centroids, rank))
     if _zero_stage(ds_config) == 3:
         keep_adapter_whole(ds_config, model)
+    if ds_config is not None:
+        callbacks.append(RecordDeepSpeedConfig(output / RUN_CONFIG))
     if options.stop_at_step is not None:
         callbacks.append(StopAtStep(options.stop_at_step))
 

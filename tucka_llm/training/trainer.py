@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from tucka_llm.atomic import atomic_write_json
 from tucka_llm.training import checkpoints
 from tucka_llm.tucka.routing import ExpertLoad, routing_states
 
@@ -113,6 +114,20 @@ class LogFinalStep(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if state.global_step >= state.max_steps:
             control.should_log = True
+
+
+class RecordDeepSpeedConfig(TrainerCallback):
+    """Rank 0: once the engine exists, replace the config's "auto" values in run_config.json by what was used."""
+
+    def __init__(self, run_config: Path) -> None:
+        self.run_config = run_config
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if args.hf_deepspeed_config is None or not state.is_world_process_zero:
+            return
+        record = json.loads(self.run_config.read_text(encoding="utf-8"))
+        record["deepspeed_config"] = args.hf_deepspeed_config.config
+        atomic_write_json(self.run_config, record)
 
 
 class StartFromDAI(TrainerCallback):
