@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import peft
 import pytest
 import torch
@@ -58,3 +60,12 @@ def batch(tokenizer):
     """The prompts, right-padded."""
     tokenizer.padding_side = "right"
     return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny Llama (seed 0) saved with the real Llama-2 tokenizer, as a user's local model directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(seed=0).save_pretrained(path)
+    llama2_tokenizer().save_pretrained(path)
+    return path

@@ -10,22 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama
 
-from tucka_llm.data import DataError, llama2_tokenizer
+from tucka_llm.data import DataError
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
 from tucka_llm.training.run import RunError, gradient_accumulation
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    llama2_tokenizer().save_pretrained(path)
-    return path
 
 
 def run(tiny_model: Path, output: Path, *flags: str) -> None:

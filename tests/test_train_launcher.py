@@ -13,7 +13,6 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
@@ -27,15 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 TUCKA = ["--r", "4", "--k", "3", "--alpha", "8", "--perturb-scale", "0.5"]
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A tiny random Llama saved with the real Llama-2 tokenizer, as a user's local model directory."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(seed=0).save_pretrained(path)
-    llama2_tokenizer().save_pretrained(path)
-    return path
 
 
 def _free_port() -> int:
