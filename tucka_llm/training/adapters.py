@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import tucka_llm
 from tucka_llm.atomic import atomic_write
 from tucka_llm.training.options import TrainOptions
-from tucka_llm.tucka.layer import TuckALayer
+from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import linear_layer_names
 
 logger = logging.getLogger("tucka_llm")
@@ -92,12 +92,7 @@ def calibration_batches(
 
 def router_centroids(model: nn.Module) -> dict[str, nn.Parameter]:
     """The centroid parameter E of every TuckA adapter, by adapter name."""
-    return {
-        name: m.tucka_centroids[name]
-        for m in model.modules()
-        if isinstance(m, TuckALayer)
-        for name in m.tucka_centroids
-    }
+    return {name: layer.tucka_centroids[name] for name, layer in routing_layers(model).items()}
 
 
 def save_router_calibration(

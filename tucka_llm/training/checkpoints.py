@@ -8,6 +8,7 @@ takes the newest marked one and deletes unmarked leftovers.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -32,6 +33,11 @@ def is_complete(checkpoint: Path) -> bool:
 def mark_complete(checkpoint: Path, step: int) -> None:
     """Rank 0, after every rank has written its part of ``checkpoint``."""
     atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step})
+
+
+def completed_step(checkpoint: Path) -> int:
+    """The optimizer step a complete checkpoint was taken at (from its marker)."""
+    return int(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["step"])
 
 
 def latest_complete(directory: Path) -> Path | None:

@@ -339,7 +339,7 @@ def _prepare_resume(output: Path, resume_from: Path | None) -> None:
         logger.info("removed incomplete checkpoint %s (the run was stopped while writing it)", path)
     metrics = output / METRICS
     if metrics.is_file():
-        step = json.loads((resume_from / checkpoints.COMPLETE_MARKER).read_text())["step"] if resume_from else 0
+        step = checkpoints.completed_step(resume_from) if resume_from else 0
         kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 

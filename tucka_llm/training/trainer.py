@@ -42,7 +42,7 @@ class RunTrainer(Trainer):
         self.metrics_path = metrics_path
         self.keep_checkpoints = save_total_limit
         self._clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
-        self._tucka = any(True for _ in _tucka_states(self.model))
+        self._tucka = bool(_tucka_states(self.model))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step log (not the end-of-run summary)

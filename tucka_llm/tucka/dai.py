@@ -16,7 +16,8 @@ from torch import nn
 from tucka_llm.tucka.layer import FeaturesCollected, TuckALayer
 
 
-def _routing_layers(model: nn.Module) -> dict[str, TuckALayer]:
+def routing_layers(model: nn.Module) -> dict[str, TuckALayer]:
+    """The layer that holds the centroids E (and routes), per TuckA adapter name."""
     return {name: m for m in model.modules() if isinstance(m, TuckALayer) for name in m.tucka_centroids}
 
 
@@ -31,7 +32,7 @@ def data_aware_init(
     to the routing layer runs. Deterministic for the same batches and seed. Returns ``{adapter: e}`` (float32, CPU):
     the training-data centroid that export uses to pick a route.
     """
-    layers = _routing_layers(model)
+    layers = routing_layers(model)
     batches = list(batches)
     if not batches:
         raise ValueError("data_aware_init needs at least one calibration batch (input_ids, attention_mask).")
