@@ -14,11 +14,12 @@ import peft
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM
 
+from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.training import parse_options
-from tucka_llm.training.adapters import add_adapter, calibration_batches, load_base_model
+from tucka_llm.training.adapters import add_adapter, load_base_model
 from tucka_llm.training.trainer import tensor_digest
 from tucka_llm.tucka.dai import data_aware_init
 
@@ -93,8 +94,8 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     options = parse_options(["--model", str(tiny_model), "--data", "gsm8k-train", *TUCKA, *flags])
     model = add_adapter(load_base_model(options), options)
     data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 8), llama2_tokenizer(), 128)
-    collate = DataCollatorForSeq2Seq(llama2_tokenizer(), label_pad_token_id=-100)
-    centroid = data_aware_init(model, calibration_batches(data.dataset, 6, options.seed, collate), seed=options.seed)
+    batches = calibration_batches(data.dataset, 6, options.seed, llama2_tokenizer())
+    centroid = data_aware_init(model, batches, seed=options.seed)
     assert torch.allclose(calibration["default.centroid"], centroid["default"], rtol=1e-5, atol=1e-6)
     assert bf16_differs_from(dai)
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
 
-import datasets
 import peft
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import tucka_llm
-from tucka_llm.atomic import atomic_write
 from tucka_llm.training.options import TrainOptions
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import linear_layer_names
@@ -79,26 +73,6 @@ def add_adapter(model: PreTrainedModel, options: TrainOptions) -> peft.PeftModel
     return peft.get_peft_model(model, adapter_config(options))
 
 
-def calibration_batches(
-    data: datasets.Dataset, samples: int, seed: int, collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
-) -> Iterator[dict[str, torch.Tensor]]:
-    """A seeded random sample of ``samples`` training sequences, padded in batches of 16: the same on every rank."""
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:samples].tolist()
-    for start in range(0, len(order), 16):
-        rows = [{"input_ids": data[i]["input_ids"]} for i in order[start : start + 16]]
-        batch = collate(rows)
-        yield {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-
 def router_centroids(model: nn.Module) -> dict[str, nn.Parameter]:
     """The centroid parameter E of every TuckA adapter, by adapter name."""
     return {name: layer.tucka_centroids[name] for name, layer in routing_layers(model).items()}
-
-
-def save_router_calibration(
-    path: Path, centroids: dict[str, torch.Tensor], dai: dict[str, torch.Tensor], meta: dict[str, str]
-) -> None:
-    """What export needs to route by the training-data centroid: ``e`` and the DAI matrix, per adapter."""
-    tensors = {f"{name}.centroid": e.float().contiguous() for name, e in centroids.items()}
-    tensors |= {f"{name}.dai_init": e.float().contiguous() for name, e in dai.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))

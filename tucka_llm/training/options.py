@@ -229,6 +229,10 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     options = TrainOptions(**{f.name: getattr(namespace, f.name) for f in fields(TrainOptions)})
+    for name in ("model", "tokenizer"):  # a local directory is recorded absolute: export finds it from anywhere
+        value = getattr(options, name)
+        if value is not None and Path(value).is_dir():
+            setattr(options, name, str(Path(value).resolve()))
     if not options.target_module_list:
         parser.error("--target-modules is empty: give module names such as q_proj,v_proj.")
     if not 0 <= options.warmup_ratio < 1:

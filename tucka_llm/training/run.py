@@ -32,15 +32,10 @@ from transformers import (
 
 import tucka_llm
 from tucka_llm.atomic import atomic_write_json, atomic_write_text
+from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.training import checkpoints
-from tucka_llm.training.adapters import (
-    add_adapter,
-    calibration_batches,
-    load_base_model,
-    router_centroids,
-    save_router_calibration,
-)
+from tucka_llm.training.adapters import add_adapter, load_base_model, router_centroids
 from tucka_llm.training.options import OPTIMIZERS, TrainOptions
 from tucka_llm.training.trainer import (
     LogFinalStep,
@@ -56,7 +51,6 @@ logger = logging.getLogger("tucka_llm")
 
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
-ROUTER_CALIBRATION = "tucka_router_calibration.safetensors"
 FINAL_FILES_LAST = ("adapter_config.json", "adapter_model.safetensors")  # their presence means "finished"
 # Flags that may change between an interrupted run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = {"resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
@@ -276,7 +270,7 @@ def train(options: TrainOptions) -> Path | None:
     if options.method == "tucka":
         centroids = router_centroids(model)
         if resume_from is None:
-            batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, collator)
+            batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, tokenizer)
             e = data_aware_init(model, batches, seed=options.seed)
             dai = {name: param.detach().float().cpu().clone() for name, param in centroids.items()}
             if rank == 0:

@@ -22,20 +22,17 @@ def routing_layers(model: nn.Module) -> dict[str, TuckALayer]:
 
 
 @torch.no_grad()
-def data_aware_init(
-    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Set E = [e, e + eps_1, ..., e + eps_{kt-1}], eps ~ U(-a, a), for every active TuckA adapter of ``model``.
+def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{adapter: e}`` for every active TuckA adapter: the centroid (float32, CPU) of the routing features of
+    ``batches`` (per-sequence means of the routing layer's input over real tokens). Changes no weight.
 
-    ``e`` is the centroid of the routing features (per-sequence means of the routing layer's input over real
-    tokens) of ``batches``, each a mapping with ``input_ids`` and optionally ``attention_mask``. Only the model up
-    to the routing layer runs. Deterministic for the same batches and seed. Returns ``{adapter: e}`` (float32, CPU):
-    the training-data centroid that export uses to pick a route.
+    Each batch is a mapping with ``input_ids`` and optionally ``attention_mask``; only the model up to the routing
+    layer runs.
     """
     layers = routing_layers(model)
     batches = list(batches)
     if not batches:
-        raise ValueError("data_aware_init needs at least one calibration batch (input_ids, attention_mask).")
+        raise ValueError("TuckA calibration needs at least one batch (input_ids, attention_mask).")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -54,15 +51,29 @@ def data_aware_init(
                             input_ids=batch["input_ids"].to(device),
                             attention_mask=None if mask is None else mask.to(device),
                         )
-                features = torch.cat([f.cpu() for f in state.calibration])
+                centroids[name] = torch.cat([f.cpu() for f in state.calibration]).mean(dim=0)
             finally:
                 state.calibration = None
-            e = features.mean(dim=0)
-            generator = torch.Generator().manual_seed(seed)
-            noise = (torch.rand(state.k * state.t - 1, e.numel(), generator=generator) * 2 - 1) * state.perturb_scale
-            target = layer.tucka_centroids[name]
-            target.copy_(torch.cat([e.unsqueeze(0), e + noise]).to(target.device, target.dtype))
-            centroids[name] = e
     finally:
         model.train(was_training)
+    return centroids
+
+
+@torch.no_grad()
+def data_aware_init(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Set E = [e, e + eps_1, ..., e + eps_{kt-1}], eps ~ U(-a, a), for every active TuckA adapter of ``model``.
+
+    ``e`` is ``routing_centroids(model, batches)``. Deterministic for the same batches and seed. Returns
+    ``{adapter: e}``: the training-data centroid that export uses to pick a route.
+    """
+    centroids = routing_centroids(model, batches)
+    layers = routing_layers(model)
+    for name, e in centroids.items():
+        state = layers[name].tucka_state[name]
+        generator = torch.Generator().manual_seed(seed)
+        noise = (torch.rand(state.k * state.t - 1, e.numel(), generator=generator) * 2 - 1) * state.perturb_scale
+        target = layers[name].tucka_centroids[name]
+        target.copy_(torch.cat([e.unsqueeze(0), e + noise]).to(target.device, target.dtype))
     return centroids

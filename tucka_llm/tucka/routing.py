@@ -155,14 +155,21 @@ def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
-def route_from_features(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> ActiveRoute:
-    """Paper Eqs. 6-8 with the authors' per-group normalisation of the logits.
+def route_scores(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> torch.Tensor:
+    """Paper Eq. 6-7 with the authors' per-group normalisation: features (n, d) -> expert scores (n, k, t) in (0, 1).
 
-    features (n, d) -> scores s = sigmoid(normalise_within_group(E h)); the winning expert's group is active and
-    its gates are its scores normalised to sum 1. All tensors, no host synchronisation.
+    s = sigmoid(normalise_within_group(E h)); without the normalisation s saturates at 1 for d = 4096.
     """
     logits = F.linear(features, centroids).view(-1, k, t)
-    scores = torch.sigmoid(F.normalize(logits, dim=-1))
+    return torch.sigmoid(F.normalize(logits, dim=-1))
+
+
+def route_from_features(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> ActiveRoute:
+    """Paper Eqs. 6-8: the winning expert's group is active and its gates are its scores normalised to sum 1.
+
+    features (n, d) -> one route per row. All tensors, no host synchronisation.
+    """
+    scores = route_scores(centroids, features, k, t)
     group = scores.flatten(1).argmax(dim=-1) // t
     chosen = scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, t)).squeeze(1)
     return ActiveRoute(group=group, gates=chosen / chosen.sum(dim=-1, keepdim=True))
