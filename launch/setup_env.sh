@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs tucka-llm into it, CPU build, in the order that works (README, "Install").
-# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "train,eval-cpu,dev"; a GPU machine: "train,eval-gpu")
+# Usage: bash launch/setup_env.sh [EXTRAS]   (EXTRAS default "train,eval-cpu,dev"; see README, "Install")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-train,eval-cpu,dev}"

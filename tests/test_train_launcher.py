@@ -37,14 +37,17 @@ def _free_port() -> int:
 
 def launch(model: Path, output: Path, *flags: str, ds: str = "zero2", method: str = "tucka") -> str:
     """Run the launcher on 2 ranks through DeepSpeed's own launcher; return its output (stdout and stderr)."""
+    port = _free_port()
     command = [
-        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(_free_port()), "launch/train.py",
+        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
         "--ds", f"ds_configs/{ds}.json", "--model", str(model), "--data", "gsm8k-train", "--output", str(output),
         "--method", method, *TUCKA, *LORA, "--save-steps", "1000", *flags,
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
+    # DeepSpeed's CPU all-reduce buffers in /dev/shm are released when the ranks exit (see run.py).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     return log
 
 

@@ -98,7 +98,7 @@ def export_merged(
         "base": base,
         "adapter": str(adapter.resolve()),
         "method": method,
-        "adapter_config": config.to_dict(),
+        "adapter_config": json.loads((adapter / "adapter_config.json").read_text()),  # as saved: lists, not sets
         "dtype": dtype,
         "route": None if chosen is None else chosen.to_json(),
         "tucka_llm_version": tucka_llm.__version__,

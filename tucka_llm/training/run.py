@@ -179,6 +179,18 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _unlink_cpu_allreduce_buffer(rank: int) -> None:
+    """Work around a DeepSpeed leak: on CPU its shared-memory all-reduce creates
+    /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank> (69 MB per rank) and never unlinks it
+    (deepspeed 0.19.8, ops/csrc/cpu/comm/shm.cpp), so every CPU run left its buffers in RAM until reboot. After the
+    barrier that follows initialisation every rank has mapped every peer's buffer; the name is no longer needed, and
+    unlinking it now frees the memory when the ranks exit, however they exit."""
+    if torch.cuda.is_available() or "LOCAL_SIZE" not in os.environ:
+        return
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}").unlink(missing_ok=True)
+
+
 def load_tokenizer(options: TrainOptions) -> PreTrainedTokenizerBase:
     source = options.tokenizer or options.model
     try:
@@ -250,7 +262,8 @@ def train(options: TrainOptions) -> Path | None:
         import deepspeed
 
         deepspeed.init_distributed()
-    _barrier()  # every rank has checked the output directory before rank 0 changes it
+    _barrier()  # every rank has checked the output directory (and mapped its peers' shared memory)
+    _unlink_cpu_allreduce_buffer(rank)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
         _prepare_resume(output, resume_from)
