@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -13,11 +14,14 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from conftest import PROMPTS
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+import tucka_llm
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
+from tucka_llm.export import export_merged
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
 from tucka_llm.training.trainer import tensor_digest
@@ -81,6 +85,15 @@ def test_each_method_trains_on_two_ranks_with_falling_loss_and_identical_adapter
     assert json.loads((output / "adapter_config.json").read_text())["peft_type"] == {
         "tucka": "TUCKA", "lora": "LORA", "dora": "LORA"
     }[method]  # fmt: skip
+
+    # The finished run exports as it is: the base and tokenizer it recorded and, for TuckA, its training centroid.
+    result = export_merged(output, tmp_path / "merged", dtype="float32")
+    inputs = llama2_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    route = contextlib.nullcontext() if result.route is None else tucka_llm.routing(model, result.route.route)
+    with route, torch.no_grad():
+        expected = model.eval()(**inputs).logits
+        actual = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
+    assert (actual - expected).norm() / expected.norm() <= 1e-5
 
 
 def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a_complete_run(tiny_model, tmp_path):
