@@ -16,47 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tucka_llm
-from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
-from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.calibration import ROUTER_CALIBRATION
 from tucka_llm.export import ExportError, export_merged
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.routing import route_from_features, route_scores
 
 REPO = Path(__file__).resolve().parents[1]
-TUCKA_CONFIG = dict(r=4, k=3, t=2, p=2, alpha=8.0, perturb_scale=0.5, target_modules=["q_proj", "v_proj"])
-
-
-def save_adapter(path: Path, base_dir: Path, config: peft.PeftConfig, tokenizer, calibrate: bool = False) -> Path:
-    """An adapter directory as launch/train.py leaves it: adapter, tokenizer and, for TuckA, the router record."""
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(base, config)
-    with torch.no_grad():  # as after training: TuckA's groups start as copies of one core; make them differ
-        for name, param in model.named_parameters():
-            if "tucka_core" in name:
-                param.add_(torch.randn_like(param) * param.std())
-    if calibrate:
-        data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 64), tokenizer, 128).dataset
-        centroid = tucka_llm.data_aware_init(model, calibration_batches(data, 32, 42, tokenizer), seed=42)
-        meta = {"data": "gsm8k-train", "samples": "32", "seed": "42"}
-        save_router_calibration(path / ROUTER_CALIBRATION, centroid, {}, meta)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def adapters(tiny_model, tokenizer, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    tucka = tucka_llm.TuckAConfig(**TUCKA_CONFIG, task_type="CAUSAL_LM")
-    paths = {"tucka": save_adapter(root / "tucka", tiny_model, tucka, tokenizer, calibrate=True)}
-    for method in ("lora", "dora"):
-        # init_lora_weights=False: B is random too, so the merge has something to get wrong.
-        lora = peft.LoraConfig(
-            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=method == "dora", init_lora_weights=False
-        )
-        paths[method] = save_adapter(root / method, tiny_model, lora, tokenizer)
-    return paths
 
 
 @pytest.fixture(scope="module")

