@@ -29,22 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def build_small_model(directory: Path) -> None:
     """A seeded random Llama (4 layers, hidden 512, 45M parameters) with the shipped Llama-2 tokenizer."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from tucka_llm.data import llama2_tokenizer
+    from tucka_llm.models import small_llama_config
 
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=32000,
-        max_position_embeddings=2048,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = small_llama_config()
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     llama2_tokenizer().save_pretrained(directory)

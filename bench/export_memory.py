@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import tucka_llm
 from tucka_llm.calibration import ROUTER_CALIBRATION, save_router_calibration
 from tucka_llm.data import llama2_tokenizer
-from tucka_llm.models import llama2_7b_config
+from tucka_llm.models import llama2_7b_config, small_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 2 * 1024**3
@@ -44,17 +44,7 @@ MAXRSS_WRAPPER = (
 def model_config(shape: str) -> LlamaConfig:
     if shape == "llama2-7b":
         return llama2_7b_config()
-    return LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=32000,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    return small_llama_config()
 
 
 def write_base(config: LlamaConfig, directory: Path) -> int:

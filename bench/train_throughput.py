@@ -35,7 +35,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tucka_llm.data import llama2_tokenizer
-from tucka_llm.models import llama2_7b_config
+from tucka_llm.models import llama2_7b_config, small_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("tucka", "lora", "dora")
@@ -56,18 +56,7 @@ def model_config(shape: str) -> tuple[LlamaConfig, torch.dtype]:
     """The architecture of ``--shape`` and the dtype its weights are saved in."""
     if shape == "llama2-7b":
         return llama2_7b_config(), torch.bfloat16
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=32000,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    config = small_llama_config()
     return config, torch.float32
 
 

@@ -21,3 +21,20 @@ def llama2_7b_config() -> LlamaConfig:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+def small_llama_config() -> LlamaConfig:
+    """A 45M-parameter Llama-2-architecture model (4 layers, hidden 512, the Llama-2 vocabulary) for CPU benchmarks:
+    big enough that matmuls dominate, small enough for a 2-core machine."""
+    return LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
