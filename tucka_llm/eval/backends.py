@@ -6,6 +6,7 @@ returns it), its number of generated tokens, and why it ended.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +39,8 @@ class Generation:
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether vLLM is installed (found, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("vllm") is not None
 
 
 class VLLMBackend:
@@ -66,7 +64,10 @@ class VLLMBackend:
                 "--backend vllm: vLLM is not installed. Install it (CPU: pip install -e '.[eval-cpu]'; GPU: "
                 "pip install -e '.[eval-gpu]'), or pass --backend hf."
             )
-        import vllm
+        try:
+            import vllm
+        except ImportError as error:
+            raise EvalError(f"--backend vllm: vLLM is installed but does not import ({error}).") from error
 
         settings = dict(model=model, dtype=dtype, tensor_parallel_size=tensor_parallel_size, seed=seed)
         settings["max_model_len"] = max_model_len
