@@ -1,0 +1,57 @@
+"""Run a pipeline of commands as stages: each one skipped when its output exists, logged, and loud when it fails.
+
+The demo and the reproduction recipe are such pipelines. Each stage is the same command a user would type (printed
+before it runs), so a pipeline is also its own documentation; its output goes to a log file and, when it fails, the
+log's tail is shown with the stage's name.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class StageFailed(RuntimeError):
+    """A stage's command exited with an error; the message names the stage and its log."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """``command`` makes ``output``; a stage whose ``output`` exists is done and is skipped."""
+
+    name: str
+    command: Sequence[str]
+    output: Path
+
+
+def run_stages(stages: Sequence[Stage], logs: Path) -> None:
+    """Run the stages in order, each logged to ``logs/<name>.log``; raise StageFailed at the first failure."""
+    logs.mkdir(parents=True, exist_ok=True)
+    for number, stage in enumerate(stages, start=1):
+        prefix = f"[{number}/{len(stages)}] {stage.name}"
+        if stage.output.exists():
+            print(f"{prefix}: done already ({stage.output}), skipped", flush=True)
+            continue
+        log = logs / f"{stage.name}.log"
+        print(f"{prefix}: {shlex.join(map(str, stage.command))}", flush=True)
+        started = time.perf_counter()
+        with log.open("w", encoding="utf-8") as sink:
+            result = subprocess.run(list(map(str, stage.command)), stdout=sink, stderr=subprocess.STDOUT)
+        if result.returncode != 0 or not stage.output.exists():
+            tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
+            raise StageFailed(
+                f"stage '{stage.name}' failed (exit code {result.returncode}); the end of its log {log}:\n{tail}"
+            )
+        print(f"{prefix}: {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def free_port() -> int:
+    """A free TCP port for a DeepSpeed rendezvous, so that stages never collide with another job's port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
