@@ -315,7 +315,7 @@ def routing_entropy_figure(label: str, run: Run) -> Figure | None:
     if uniform is not None:
         ax.axhline(uniform, color="grey", linestyle="--", label=f"uniform load (ln k = ln {k} = {uniform:.2f})")
     ax.set_ylim(0, 1.1 * max([*entropy, uniform or 0.0]) or 1.0)  # from 0: a collapsed router shows as such
-    ax.legend(loc="best")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: inside, it hid a collapsed router's points
     return fig
 
 
