@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tucka_llm.data import llama2_tokenizer
 from tucka_llm.models import llama2_7b_config, small_llama_config
+from tucka_llm.stages import train_command
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("tucka", "lora", "dora")
@@ -75,55 +75,17 @@ def build_model(shape: str, directory: Path) -> int:
     return parameters
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now, for DeepSpeed's rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launcher_command(method: str, model: Path, output: Path, args: argparse.Namespace) -> list[str]:
     """``deepspeed launch/train.py`` for one method; the adapter hyperparameters are the launcher's defaults."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    command = [
-        str(deepspeed),
-        "--num_gpus",
-        str(args.ranks),
-        "--master_port",
-        str(free_port()),
-        "launch/train.py",
-        "--ds",
-        str(args.ds),
-        "--model",
-        str(model),
-        "--data",
-        "gsm8k-train",
-        "--method",
-        method,
-        "--max-len",
-        str(args.max_len),
-        "--micro-batch",
-        str(args.micro_batch),
-        "--global-batch",
-        str(args.global_batch),
-        "--max-steps",
-        str(args.max_steps),
-        "--logging-steps",
-        "1",
-        "--save-steps",
-        str(args.max_steps + 1),
-        "--precision",
-        args.precision,
-        "--lr",
-        "1e-4",
-        "--warmup-ratio",
-        "0",
-        "--output",
-        str(output),
-    ]
+    command = train_command(
+        args.ranks, args.ds, "--model", model, "--data", "gsm8k-train", "--method", method,
+        "--max-len", args.max_len, "--micro-batch", args.micro_batch, "--global-batch", args.global_batch,
+        "--max-steps", args.max_steps, "--logging-steps", "1", "--save-steps", args.max_steps + 1,
+        "--precision", args.precision, "--lr", "1e-4", "--warmup-ratio", "0", "--output", output,
+    )  # fmt: skip
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
-    return command
+    return [str(part) for part in command]
 
 
 def run_method(method: str, model: Path, output: Path, args: argparse.Namespace) -> RunResult:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import tucka_llm
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
+from tucka_llm.stages import free_port
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
 from tucka_llm.training.trainer import tensor_digest
@@ -33,15 +33,9 @@ TUCKA = ["--r", "4", "--k", "3", "--alpha", "8", "--perturb-scale", "0.5"]
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(model: Path, output: Path, *flags: str, ds: str = "zero2", method: str = "tucka") -> str:
     """Run the launcher on 2 ranks through DeepSpeed's own launcher; return its output (stdout and stderr)."""
-    port = _free_port()
+    port = free_port()
     command = [
         str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
         "--ds", f"ds_configs/{ds}.json", "--model", str(model), "--data", "gsm8k-train", "--output", str(output),

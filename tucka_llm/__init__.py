@@ -4,6 +4,8 @@
 ``save_pretrained`` and ``peft.PeftModel.from_pretrained`` work for TuckA adapters.
 """
 
+from importlib import metadata
+
 from tucka_llm.tucka import (
     ExpertLoad,
     Route,
@@ -17,6 +19,18 @@ from tucka_llm.tucka import (
 
 __version__ = "0.1.0"
 
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """This project's version and those of ``packages`` that are installed, for the records runs leave behind."""
+    found = {"tucka_llm": __version__}
+    for package in packages:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 __all__ = [
     "ExpertLoad",
     "Route",
@@ -26,5 +40,6 @@ __all__ = [
     "__version__",
     "data_aware_init",
     "expert_load",
+    "package_versions",
     "routing",
 ]

@@ -45,6 +45,13 @@ def llama2_tokenizer() -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def tokenizer_source(adapter: str | Path | None, model: str) -> str:
+    """Where an adapter's tokenizer is: saved beside the adapter (training saves it there), else the base model's."""
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return str(adapter)
+    return model
+
+
 def gsm8k_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
     """A GSM8K record as a MetaMathQA one: calculator marks stripped, the final "#### N" as "The answer is: N"."""
     steps, _, answer = record["answer"].rpartition("####")

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import Stage, StageFailed, free_port, run_stages
-
-REPO = Path(__file__).resolve().parents[1]
+from tucka_llm.stages import REPO, Stage, StageFailed, run_stages, train_command
 
 
 @dataclass(frozen=True)
@@ -35,15 +33,13 @@ SMOKE = DemoSize(steps=2, problems=2, max_new_tokens=8)  # the pipeline end to e
 def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[Stage]:
     """The demo's commands: base evaluation, training, export, evaluation of the merged model, report."""
     python = sys.executable
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
     evaluate = ["--limit", size.problems, "--max-new-tokens", size.max_new_tokens, "--dtype", "float32"]
-    train = [
-        deepspeed, "--num_gpus", "2", "--master_port", free_port(), REPO / "launch" / "train.py",
-        "--ds", REPO / "ds_configs" / "zero2.json", "--model", base, "--data", "gsm8k-train",
+    train = train_command(
+        2, REPO / "ds_configs" / "zero2.json", "--model", base, "--data", "gsm8k-train",
         "--num-examples", size.steps * 8, "--method", method, "--precision", "fp32", "--max-steps", size.steps,
         "--micro-batch", "4", "--global-batch", "8", "--max-len", "384", "--logging-steps", "1",
         "--save-steps", "1000", "--output", output / "train",
-    ]  # fmt: skip
+    )  # fmt: skip
     export = [python, REPO / "launch" / "export.py", "--adapter", output / "train", "--out", output / "merged"]
     report = [python, "-m", "tucka_llm", "report", output / "train", output / "eval-base", output / "eval"]
     return [

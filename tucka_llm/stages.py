@@ -10,10 +10,13 @@ from __future__ import annotations
 import shlex
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class StageFailed(RuntimeError):
@@ -55,3 +58,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_command(gpus: int, ds: Path, *flags: object) -> list[object]:
+    """``deepspeed --num_gpus N --master_port <free> launch/train.py --ds DS FLAGS``: the launcher as a user runs it."""
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    return [
+        deepspeed,
+        "--num_gpus",
+        gpus,
+        "--master_port",
+        free_port(),
+        REPO / "launch" / "train.py",
+        "--ds",
+        ds,
+        *flags,
+    ]

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucka_llm.atomic import atomic_write_text
-from tucka_llm.stages import Stage, StageFailed, free_port, run_stages
+from tucka_llm.stages import REPO, Stage, StageFailed, run_stages, train_command
 
-REPO = Path(__file__).resolve().parents[1]
 # Paper, Table 3: (MATH, GSM8K) accuracy in percent.
 PAPER = {
     "tucka-r16k4": (7.26, 50.34),
@@ -59,12 +58,11 @@ def scale_flags(scale: str, model: str | None) -> Scale:
 
 def table3_stages(configs: list[str], gpus: int, output: Path, scale: Scale) -> list[Stage]:
     """Train, export and evaluate (GSM8K, MATH) each configuration, then the report over all of them."""
-    python, deepspeed = sys.executable, str(Path(sys.executable).parent / "deepspeed")
+    python = sys.executable
     stages: list[Stage] = []
     for name in configs:
         run, merged = output / name / "train", output / name / "merged"
-        train = [deepspeed, "--num_gpus", gpus, "--master_port", free_port(), REPO / "launch" / "train.py"]
-        train += ["--ds", REPO / "ds_configs" / "zero2.json", *CONFIGS[name], *scale.train, "--output", run]
+        train = train_command(gpus, REPO / "ds_configs" / "zero2.json", *CONFIGS[name], *scale.train, "--output", run)
         export = [python, REPO / "launch" / "export.py", "--adapter", run, "--out", merged, *scale.export]
         stages += [
             Stage(f"{name}-train", train, run / "adapter_model.safetensors"),

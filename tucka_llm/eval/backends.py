@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tucka_llm.data import tokenizer_source
 
 BACKENDS = ("vllm", "hf")
 
@@ -126,8 +127,7 @@ class HFBackend:
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
-        tokenizer_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else model
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter, model))
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

