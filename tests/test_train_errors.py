@@ -97,7 +97,10 @@ def test_batch_sizes_that_do_not_divide_name_the_flags():
         gradient_accumulation(parse_options(["--micro-batch", "3"]), world_size=2)
     with pytest.raises(RunError, match=r"--grad-accum 3 x --micro-batch 1 x 2 ranks = 6, not --global-batch 8"):
         gradient_accumulation(parse_options(["--grad-accum", "3", "--global-batch", "8"]), world_size=2)
+    with pytest.raises(RunError, match=r"--grad-accum 3 x --micro-batch 1 x 8 ranks = 24, not --global-batch 32"):
+        gradient_accumulation(parse_options(["--grad-accum", "3", "--global-batch", "32"]), world_size=8)
     assert gradient_accumulation(parse_options([]), world_size=8) == 4  # the reference run: 32 = 1 x 8 x 4
+    assert gradient_accumulation(parse_options(["--grad-accum", "3"]), world_size=8) == 3
 
 
 def test_bad_flag_values_are_refused_by_name(capsys):
@@ -121,7 +124,8 @@ def test_defaults_are_the_papers_reference_run():
     )
     assert (options.method, options.r, options.k, options.t, options.p) == ("tucka", 16, 4, 2, 2)
     assert (options.alpha, options.perturb_scale, options.target_module_list) == (512, 20, ["q_proj", "v_proj"])
-    assert (options.epochs, options.max_len, options.precision, options.global_batch) == (2, 512, "bf16", 32)
+    assert (options.epochs, options.max_len, options.precision) == (2, 512, "bf16")
+    assert gradient_accumulation(options, world_size=8) * options.micro_batch * 8 == 32
     assert (options.micro_batch, options.lr, options.lr_scheduler, options.warmup_ratio) == (1, 1e-3, "cosine", 0.03)
     assert (options.weight_decay, options.lora_r, options.lora_alpha, options.lora_dropout) == (0, 32, 32, 0)
 

@@ -12,6 +12,7 @@ from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
 PRECISIONS = ("bf16", "fp32")
+REFERENCE_GLOBAL_BATCH = 32  # sequences per optimizer step in the paper's run (section 6 of the method notes)
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TrainOptions:
     max_steps: int | None = None
     stop_at_step: int | None = None
     micro_batch: int = 1
-    global_batch: int = 32
+    global_batch: int | None = None  # None: REFERENCE_GLOBAL_BATCH, or what --grad-accum implies
     grad_accum: int | None = None
     lr: float = 1e-3
     lr_scheduler: str = "cosine"
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--global-batch",
         type=_positive(int),
         default=d.global_batch,
-        help="sequences per optimizer step over all ranks",
+        help=f"sequences per optimizer step over all ranks (None: {REFERENCE_GLOBAL_BATCH}, the reference run's, "
+        "unless --grad-accum is given)",
     )
     opt.add_argument(
         "--grad-accum",

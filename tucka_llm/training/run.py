@@ -35,7 +35,7 @@ from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.training import checkpoints
 from tucka_llm.training.adapters import add_adapter, load_base_model, router_centroids
-from tucka_llm.training.options import OPTIMIZERS, TrainOptions
+from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
 from tucka_llm.training.trainer import (
     LogFinalStep,
     RecordDeepSpeedConfig,
@@ -80,18 +80,19 @@ def gradient_accumulation(options: TrainOptions, world_size: int) -> int:
     """Micro-batches per optimizer step so that micro batch x ranks x accumulation = global batch."""
     per_step = options.micro_batch * world_size
     if options.grad_accum is not None:
-        if options.grad_accum * per_step != options.global_batch and options.global_batch != TrainOptions.global_batch:
+        if options.global_batch is not None and options.grad_accum * per_step != options.global_batch:
             raise RunError(
                 f"--grad-accum {options.grad_accum} x --micro-batch {options.micro_batch} x {world_size} ranks = "
                 f"{options.grad_accum * per_step}, not --global-batch {options.global_batch}: give only one of them."
             )
         return options.grad_accum
-    if options.global_batch % per_step:
+    global_batch = options.global_batch or REFERENCE_GLOBAL_BATCH
+    if global_batch % per_step:
         raise RunError(
-            f"--global-batch {options.global_batch} is not a multiple of --micro-batch {options.micro_batch} x "
+            f"--global-batch {global_batch} is not a multiple of --micro-batch {options.micro_batch} x "
             f"{world_size} ranks: change one of them, or give --grad-accum."
         )
-    return options.global_batch // per_step
+    return global_batch // per_step
 
 
 def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
