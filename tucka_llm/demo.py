@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,31 +31,38 @@ FULL = DemoSize(steps=30, problems=40, max_new_tokens=256)  # about 15 minutes o
 SMOKE = DemoSize(steps=2, problems=2, max_new_tokens=8)  # the pipeline end to end in a few minutes (tests)
 
 
-def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[Stage]:
-    """The demo's commands: base evaluation, training, export, evaluation of the merged model, report."""
-    python = sys.executable
-    evaluate = ["--limit", size.problems, "--max-new-tokens", size.max_new_tokens, "--dtype", "float32"]
+def evaluate_stage(name: str, model: Path, output: Path, size: DemoSize) -> Stage:
+    """GSM8K on the first ``size.problems`` test problems with vLLM, greedy, fp32: the same for every model compared."""
+    command = [sys.executable, REPO / "eval" / "gsm8k.py", "--model", model, "--limit", size.problems]
+    command += ["--max-new-tokens", size.max_new_tokens, "--dtype", "float32", "--output", output]
+    return Stage(name, command, output / "summary.json")
+
+
+def adapter_stages(
+    method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
+) -> list[Stage]:
+    """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences), merge it in fp32 and
+    evaluate the merged model; ``train_flags`` are passed on to launch/train.py (e.g. ``--alpha``)."""
     train = train_command(
         2, REPO / "ds_configs" / "zero2.json", "--model", base, "--data", "gsm8k-train",
         "--num-examples", size.steps * 8, "--method", method, "--precision", "fp32", "--max-steps", size.steps,
         "--micro-batch", "4", "--global-batch", "8", "--max-len", "384", "--logging-steps", "1",
-        "--save-steps", "1000", "--output", output / "train",
+        "--save-steps", "1000", *train_flags, "--output", output / "train",
     )  # fmt: skip
-    export = [python, REPO / "launch" / "export.py", "--adapter", output / "train", "--out", output / "merged"]
-    report = [python, "-m", "tucka_llm", "report", output / "train", output / "eval-base", output / "eval"]
+    export = [sys.executable, REPO / "launch" / "export.py", "--adapter", output / "train", "--out", output / "merged"]
     return [
-        Stage(
-            "evaluate-base",
-            [python, REPO / "eval" / "gsm8k.py", "--model", base, *evaluate, "--output", output / "eval-base"],
-            output / "eval-base" / "summary.json",
-        ),
         Stage("train", train, output / "train" / "adapter_model.safetensors"),
         Stage("export", [*export, "--dtype", "float32"], output / "merged" / "config.json"),
-        Stage(
-            "evaluate-merged",
-            [python, REPO / "eval" / "gsm8k.py", "--model", output / "merged", *evaluate, "--output", output / "eval"],
-            output / "eval" / "summary.json",
-        ),
+        evaluate_stage("evaluate-merged", output / "merged", output / "eval", size),
+    ]
+
+
+def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[Stage]:
+    """The demo's commands: base evaluation, training, export, evaluation of the merged model, report."""
+    report = [sys.executable, "-m", "tucka_llm", "report", output / "train", output / "eval-base", output / "eval"]
+    return [
+        evaluate_stage("evaluate-base", base, output / "eval-base", size),
+        *adapter_stages(method, base, output, size),
         Stage("report", [*report, "--out", output / "report"], output / "report" / "report.md"),
     ]
 
