@@ -27,13 +27,19 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    PreTrainedTokenizerBase,
+)
 
 from tucka_llm.data import asset_path, gsm8k_to_metamathqa, tokenize_metamathqa
 from tucka_llm.demo import DemoSize, adapter_stages, evaluate_stage
 from tucka_llm.report import read_metrics, series, trainable_parameters
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import Stage, StageFailed, run_stages
+from tucka_llm.stages import Stage, StageFailed, report_stage, run_stages
 
 REFERENCE_ALPHA, REFERENCE_WIDTH = 512.0, 4096  # TuckA's alpha for Llama-2-7B (hidden size 4096)
 MAX_LEN = 384  # as the demo trains
@@ -47,22 +53,25 @@ def width_scaled_alpha(model: Path) -> float:
     (2.7x larger at SmolLM2's d = 576 than at 4096). Scaling alpha by sqrt(d / 4096) keeps the reference's ratio.
     """
     width = AutoConfig.from_pretrained(model).hidden_size
-    return round(REFERENCE_ALPHA * math.sqrt(width / REFERENCE_WIDTH))
+    return float(round(REFERENCE_ALPHA * math.sqrt(width / REFERENCE_WIDTH)))
 
 
-@torch.no_grad()
-def held_out_loss(model_dir: Path, count: int) -> float:
-    """Mean cross-entropy per response token on the first ``count`` GSM8K test problems in MetaMathQA form."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def held_out_batches(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` GSM8K test problems in MetaMathQA form, tokenised as training does, in batches of 8."""
     tokenizer.padding_side = "right"  # positions count from the first token, as in training
     with asset_path("gsm8k", "test.jsonl").open(encoding="utf-8") as f:
         records = [gsm8k_to_metamathqa(json.loads(line)) for _, line in zip(range(count), f, strict=False)]
     data = tokenize_metamathqa(datasets.Dataset.from_list(records), tokenizer, MAX_LEN).dataset
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return [collate([data[i] for i in range(start, min(start + 8, len(data)))]) for start in range(0, len(data), 8)]
+
+
+@torch.no_grad()
+def held_out_loss(model_dir: Path, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Mean cross-entropy per response token (prompts masked, as in training) of a model over ``batches``."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     total, tokens = 0.0, 0
-    for start in range(0, len(data), 8):
-        batch = collate([data[i] for i in range(start, min(start + 8, len(data)))])
+    for batch in batches:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         total += float(
@@ -109,19 +118,19 @@ def main() -> None:
     stages = [evaluate_stage("base-evaluate", base, work / "base" / "eval", size)]
     for name, (method, flags) in runs.items():
         stages += prefixed(name, adapter_stages(method, base, work / name, size, flags))
-    report = [sys.executable, "-m", "tucka_llm", "report", *(work / name / "train" for name in runs)]
-    report += [work / "base" / "eval", *(work / name / "eval" for name in runs), "--out", work / "report"]
-    stages.append(Stage("report", report, work / "report" / "report.md"))
+    directories = [*(work / name / "train" for name in runs), *(work / name / "eval" for name in ["base", *runs])]
+    stages.append(report_stage(directories, work / "report"))
     try:
         run_stages(stages, work / "logs")
     except StageFailed as error:
         sys.exit(f"error: {error}")
 
-    lora_params = trainable_parameters(work / "lora" / "train")
+    # Every merged model carries the base's tokenizer (export copies it), so the held-out data is tokenised once.
+    batches = held_out_batches(AutoTokenizer.from_pretrained(base), args.held_out)
     losses = {
-        name: held_out_loss(base if name == "base" else work / name / "merged", args.held_out)
-        for name in ["base", *runs]
+        name: held_out_loss(base if name == "base" else work / name / "merged", batches) for name in ["base", *runs]
     }
+    params = {name: trainable_parameters(work / name / "train") for name in runs}
     print(f"\nSmolLM2-135M-Instruct, {args.steps} steps x 8 sequences of GSM8K train each; held-out loss on the")
     print(f"first {args.held_out} GSM8K test problems; accuracy on the first {args.problems} (vLLM, greedy)\n")
     print("| model | trainable params | vs LoRA | train loss step 1 | last 10 | held-out loss | vs LoRA | GSM8K |")
@@ -133,10 +142,9 @@ def main() -> None:
         if name == "base":
             print(f"| base | – | – | – | – | {held_out} | {accuracy} |")
             continue
-        params = trainable_parameters(work / name / "train")
         train_losses = series(read_metrics(work / name / "train" / "metrics.jsonl"), "loss")[1]
         print(
-            f"| {name} | {params:,} | {params / lora_params:.3f} | {train_losses[0]:.3f} | "
+            f"| {name} | {params[name]:,} | {params[name] / params['lora']:.3f} | {train_losses[0]:.3f} | "
             f"{statistics.mean(train_losses[-10:]):.3f} | {held_out} | {accuracy} |"
         )
     print(f"\nreport with the loss curves: {work / 'report' / 'report.md'}")

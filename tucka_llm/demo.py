@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import REPO, Stage, StageFailed, run_stages, train_command
+from tucka_llm.stages import Stage, StageFailed, eval_stage, export_stage, report_stage, run_stages, train_stage
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,8 @@ SMOKE = DemoSize(steps=2, problems=2, max_new_tokens=8)  # the pipeline end to e
 
 def evaluate_stage(name: str, model: Path, output: Path, size: DemoSize) -> Stage:
     """GSM8K on the first ``size.problems`` test problems with vLLM, greedy, fp32: the same for every model compared."""
-    command = [sys.executable, REPO / "eval" / "gsm8k.py", "--model", model, "--limit", size.problems]
-    command += ["--max-new-tokens", size.max_new_tokens, "--dtype", "float32", "--output", output]
-    return Stage(name, command, output / "summary.json")
+    flags = ["--limit", size.problems, "--max-new-tokens", size.max_new_tokens, "--dtype", "float32"]
+    return eval_stage(name, "gsm8k.py", model, output, *flags)
 
 
 def adapter_stages(
@@ -43,27 +42,24 @@ def adapter_stages(
 ) -> list[Stage]:
     """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences), merge it in fp32 and
     evaluate the merged model; ``train_flags`` are passed on to launch/train.py (e.g. ``--alpha``)."""
-    train = train_command(
-        2, REPO / "ds_configs" / "zero2.json", "--model", base, "--data", "gsm8k-train",
-        "--num-examples", size.steps * 8, "--method", method, "--precision", "fp32", "--max-steps", size.steps,
-        "--micro-batch", "4", "--global-batch", "8", "--max-len", "384", "--logging-steps", "1",
-        "--save-steps", "1000", *train_flags, "--output", output / "train",
-    )  # fmt: skip
-    export = [sys.executable, REPO / "launch" / "export.py", "--adapter", output / "train", "--out", output / "merged"]
+    train = [
+        "--model", base, "--data", "gsm8k-train", "--num-examples", size.steps * 8, "--method", method,
+        "--precision", "fp32", "--max-steps", size.steps, "--micro-batch", "4", "--global-batch", "8",
+        "--max-len", "384", "--logging-steps", "1", "--save-steps", "1000", *train_flags,
+    ]  # fmt: skip
     return [
-        Stage("train", train, output / "train" / "adapter_model.safetensors"),
-        Stage("export", [*export, "--dtype", "float32"], output / "merged" / "config.json"),
+        train_stage("train", 2, output / "train", *train),
+        export_stage("export", output / "train", output / "merged", "--dtype", "float32"),
         evaluate_stage("evaluate-merged", output / "merged", output / "eval", size),
     ]
 
 
 def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[Stage]:
     """The demo's commands: base evaluation, training, export, evaluation of the merged model, report."""
-    report = [sys.executable, "-m", "tucka_llm", "report", output / "train", output / "eval-base", output / "eval"]
     return [
         evaluate_stage("evaluate-base", base, output / "eval-base", size),
         *adapter_stages(method, base, output, size),
-        Stage("report", [*report, "--out", output / "report"], output / "report" / "report.md"),
+        report_stage([output / "train", output / "eval-base", output / "eval"], output / "report"),
     ]
 
 

@@ -28,7 +28,7 @@ class Stage:
     """``command`` makes ``output``; a stage whose ``output`` exists is done and is skipped."""
 
     name: str
-    command: Sequence[str]
+    command: Sequence[object]
     output: Path
 
 
@@ -74,3 +74,30 @@ def train_command(gpus: int, ds: Path, *flags: object) -> list[object]:
         ds,
         *flags,
     ]
+
+
+# The project's commands as stages. Each knows the file its command writes last, which is what marks it done.
+ZERO2 = REPO / "ds_configs" / "zero2.json"
+
+
+def train_stage(name: str, gpus: int, run: Path, *flags: object) -> Stage:
+    """launch/train.py under DeepSpeed through ds_configs/zero2.json; done when the final adapter is saved."""
+    return Stage(name, train_command(gpus, ZERO2, *flags, "--output", run), run / "adapter_model.safetensors")
+
+
+def export_stage(name: str, run: Path, merged: Path, *flags: object) -> Stage:
+    """launch/export.py: the run's adapter merged into a plain checkpoint; done when its config is written."""
+    command = [sys.executable, REPO / "launch" / "export.py", "--adapter", run, "--out", merged, *flags]
+    return Stage(name, command, merged / "config.json")
+
+
+def eval_stage(name: str, script: str, model: Path, output: Path, *flags: object) -> Stage:
+    """``eval/<script>`` on a model; done when its summary is written (the last file an evaluation writes)."""
+    command = [sys.executable, REPO / "eval" / script, "--model", model, *flags, "--output", output]
+    return Stage(name, command, output / "summary.json")
+
+
+def report_stage(directories: Sequence[Path], out: Path) -> Stage:
+    """``python -m tucka_llm report`` over runs and evaluations; done when report.md is written."""
+    command = [sys.executable, "-m", "tucka_llm", "report", *directories, "--out", out]
+    return Stage("report", command, out / "report.md")

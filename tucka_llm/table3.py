@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucka_llm.atomic import atomic_write_text
-from tucka_llm.stages import REPO, Stage, StageFailed, run_stages, train_command
+from tucka_llm.stages import Stage, StageFailed, eval_stage, export_stage, report_stage, run_stages, train_stage
 
 # Paper, Table 3: (MATH, GSM8K) accuracy in percent.
 PAPER = {
@@ -58,28 +58,17 @@ def scale_flags(scale: str, model: str | None) -> Scale:
 
 def table3_stages(configs: list[str], gpus: int, output: Path, scale: Scale) -> list[Stage]:
     """Train, export and evaluate (GSM8K, MATH) each configuration, then the report over all of them."""
-    python = sys.executable
     stages: list[Stage] = []
     for name in configs:
         run, merged = output / name / "train", output / name / "merged"
-        train = train_command(gpus, REPO / "ds_configs" / "zero2.json", *CONFIGS[name], *scale.train, "--output", run)
-        export = [python, REPO / "launch" / "export.py", "--adapter", run, "--out", merged, *scale.export]
         stages += [
-            Stage(f"{name}-train", train, run / "adapter_model.safetensors"),
-            Stage(f"{name}-export", export, merged / "config.json"),
+            train_stage(f"{name}-train", gpus, run, *CONFIGS[name], *scale.train),
+            export_stage(f"{name}-export", run, merged, *scale.export),
         ]
         for task, script in (("gsm8k", "gsm8k.py"), ("math", "hendrycks_math.py")):
-            evaluate = [python, REPO / "eval" / script, "--model", merged, *scale.evaluate]
-            stages.append(
-                Stage(
-                    f"{name}-{task}",
-                    [*evaluate, "--output", output / name / task],
-                    output / name / task / "summary.json",
-                )
-            )
+            stages.append(eval_stage(f"{name}-{task}", script, merged, output / name / task, *scale.evaluate))
     directories = [output / name / part for name in configs for part in ("train", "gsm8k", "math")]
-    report = [python, "-m", "tucka_llm", "report", *directories, "--out", output / "report"]
-    return [*stages, Stage("report", report, output / "report" / "report.md")]
+    return [*stages, report_stage(directories, output / "report")]
 
 
 def comparison_table(configs: list[str], output: Path) -> str:
