@@ -9,7 +9,7 @@ from conftest import tucka_llama
 from torch import nn
 
 import tucka_llm
-from tucka_llm.tucka.routing import routing_states
+from tucka_llm.tucka.model import routing_states
 
 
 class TwoLinear(nn.Module):

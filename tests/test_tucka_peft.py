@@ -126,3 +126,38 @@ def test_group_out_of_range_is_refused(group):
 def test_unknown_routing_mode_is_refused():
     with pytest.raises(ValueError, match="Unknown routing mode 'token'"), tucka_llm.routing(tucka_llama(), "token"):
         pass
+
+
+def test_an_adapter_saved_before_routers_were_configurable_loads_with_the_dai_router_and_says_so(
+    batch, tmp_path, caplog
+):
+    """tucka-llm 0.1 saved no router settings and routed with DAI once (logits E h): it must keep doing so."""
+    model = tucka_llama(seed=6, router="dai")
+    tucka_llm.data_aware_init(model, [batch], seed=3)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    for key in ("router", "normalize_gates", "seed"):
+        del config[key]
+    path.write_text(json.dumps(config))
+
+    caplog.set_level("WARNING", logger="tucka_llm")
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=6), tmp_path).eval()
+    assert loaded.peft_config["default"].router == "dai"
+    assert "router='dai'" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, expected)
+
+
+def test_centred_adapter_saves_e_bar_in_float32_and_alpha_auto_as_the_number_it_resolved_to(batch, tmp_path):
+    model = peft.get_peft_model(tiny_llama(seed=6).to(torch.bfloat16), tucka_llm.TuckAConfig(r=4, k=3))
+    e = tucka_llm.data_aware_init(model, [batch], seed=3)["default"]
+    assert model.peft_config["default"].alpha == pytest.approx(512 * (64 / 4096) ** 0.5)  # width 64: 64.0
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (saved["alpha"], saved["router"], saved["normalize_gates"]) == (64.0, "centred", True)
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=6).to(torch.bfloat16), tmp_path)
+    (center,) = [b for n, b in loaded.named_buffers() if "tucka_center" in n]
+    assert center.dtype == torch.float32 and torch.equal(center, e)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
 import torch
 from conftest import PROMPTS, tucka_llama
 
 import tucka_llm
-from tucka_llm.tucka.routing import routing_states
+from tucka_llm.tucka.model import routing_states
+from tucka_llm.tucka.routing import Router
 
 
 def current_route(model):
@@ -120,3 +124,83 @@ def test_expert_load_counts_routes_since_last_read(batch):
     entropy = float(-(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum())
     assert load.entropy == pytest.approx(entropy, rel=1e-6)
     assert tucka_llm.expert_load(model)["default"].routes == 0  # reset by the read
+
+
+# ------------------------------------------------------------------------------------------------- routers
+def entropy_over_routes(groups: torch.Tensor, k: int) -> float:
+    shares = torch.bincount(groups, minlength=k).double() / len(groups)
+    return float(-(shares[shares > 0] * shares[shares > 0].log()).sum())
+
+
+def shared_component_features(n: int = 512, d: int = 64) -> torch.Tensor:
+    """Features like real routing features: a large common part (the prompt template, the norm's big channels) and a
+    per-sequence part a quarter of its size (method note, section 3)."""
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(d, generator=generator) * 3
+    return common + torch.randn(n, d, generator=generator) * 0.25 * common.norm() / math.sqrt(d)
+
+
+def test_centred_router_spreads_inputs_with_a_large_shared_component_over_the_groups_and_dai_does_not():
+    h = shared_component_features()
+    calibration, held_out = h[:256], h[256:]
+    e = calibration.mean(dim=0)
+    entropy = {}
+    for kind in ("centred", "dai"):
+        router = Router(kind, k=4, t=2, perturb_scale=0.5)
+        entropy[kind] = [
+            entropy_over_routes(router.route_features(held_out, router.initial_centroids(e, seed), e).group, 4)
+            for seed in range(6)
+        ]
+    assert min(entropy["centred"]) >= 0.9 * math.log(4), entropy
+    assert statistics.mean(entropy["dai"]) <= 0.6 * math.log(4), entropy  # the collapse the centred router removes
+    assert min(entropy["dai"]) <= 0.1 * math.log(4), entropy  # some seeds send everything to one group
+
+
+def test_centred_routes_depend_only_on_the_direction_of_h_minus_e_bar():
+    h = shared_component_features(n=64)
+    e = h.mean(dim=0)
+    router = Router("centred", k=4, t=2, perturb_scale=0.5)
+    centroids = router.initial_centroids(e, seed=1)
+    route = router.route_features(h, centroids, e)
+    for scale in (0.05, 0.5, 40.0):
+        scaled = router.route_features(e + scale * (h - e), centroids, e)
+        assert torch.equal(scaled.group, route.group)
+        torch.testing.assert_close(scaled.gates, route.gates, rtol=1e-4, atol=1e-5)
+
+
+def test_gates_sum_to_one_unless_normalisation_is_off_as_in_the_authors_code():
+    h = shared_component_features(n=32)
+    e = h.mean(dim=0)
+    normalised = Router("centred", 4, 2, 0.5)
+    raw = Router("centred", 4, 2, 0.5, normalize_gates=False)
+    centroids = normalised.initial_centroids(e, seed=2)
+    a, b = normalised.route_features(h, centroids, e), raw.route_features(h, centroids, e)
+    assert torch.equal(a.group, b.group)
+    torch.testing.assert_close(a.gates.sum(-1), torch.ones(32))
+    assert ((b.gates > 0) & (b.gates < 1)).all() and not torch.allclose(b.gates.sum(-1), torch.ones(32))
+    torch.testing.assert_close(b.gates / b.gates.sum(-1, keepdim=True), a.gates)
+
+
+def test_redraw_router_draws_by_key_the_same_key_gives_the_same_route():
+    h = shared_component_features(n=64)
+    router = Router("redraw", k=4, t=2, perturb_scale=20.0, seed=5)
+    first = router.route_features(h, None, None, (3, 1))
+    again = router.route_features(h, None, None, (3, 1))
+    assert torch.equal(first.group, again.group) and torch.equal(first.gates, again.gates)
+    groups = torch.stack([router.route_features(h[:1], None, None, (step, 1)).group[0] for step in range(64)])
+    assert entropy_over_routes(groups, 4) >= 0.8 * math.log(4)  # a fresh random draw at every step
+    other_seed = Router("redraw", k=4, t=2, perturb_scale=20.0, seed=6)
+    assert not torch.equal(other_seed.route_features(h, None, None, (3, 1)).gates, first.gates)
+
+
+def test_redraw_router_in_a_model_draws_per_forward_and_repeats_the_draw_of_a_step(batch):
+    model = tucka_llama(seed=1, router="redraw").train()
+    state = routing_states(model)["default"]
+    groups = []
+    with torch.no_grad():
+        for step in (0, 1, 0):
+            state.start_step(step)
+            model(**batch)
+            groups.append(current_route(model))
+    assert torch.equal(groups[0][1], groups[2][1])  # the same step draws the same: a resumed run routes the same
+    assert not torch.equal(groups[0][1], groups[1][1])

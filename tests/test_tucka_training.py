@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tucka_llama
 
 import tucka_llm
-from tucka_llm.tucka.routing import routing_states
+from tucka_llm.tucka.dai import routing_layers
+from tucka_llm.tucka.model import routing_states
 
 
 def trainable(model):
@@ -39,11 +41,14 @@ def test_every_trainable_parameter_gets_a_gradient_every_step(batch):
             assert grad.abs().sum() > 0, name
 
 
-def test_non_reentrant_gradient_checkpointing_changes_no_gradient(batch):
-    plain = tucka_llama(seed=4).train()
+@pytest.mark.parametrize("router", ["centred", "dai", "redraw"])
+def test_non_reentrant_gradient_checkpointing_changes_no_gradient(batch, router):
+    plain = tucka_llama(seed=4, router=router).train()
+    tucka_llm.data_aware_init(plain, calibration_batches(batch), seed=7)
     loss, grads = loss_and_grads(plain, batch)
 
-    checkpointed = tucka_llama(seed=4).train()
+    checkpointed = tucka_llama(seed=4, router=router).train()
+    tucka_llm.data_aware_init(checkpointed, calibration_batches(batch), seed=7)
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert checkpointed.base_model.model.model.gradient_checkpointing
     loss_ckpt, grads_ckpt = loss_and_grads(checkpointed, batch)
@@ -66,8 +71,9 @@ def centroids(model) -> torch.Tensor:
     return next(p for n, p in model.named_parameters() if "tucka_centroids" in n).detach().clone()
 
 
-def test_dai_sets_centroids_to_the_masked_feature_centroid_plus_bounded_noise(batch):
-    model = tucka_llama(seed=5, perturb_scale=0.25)
+@pytest.mark.parametrize("router", ["centred", "dai"])
+def test_dai_sets_centroids_to_the_masked_feature_centroid_plus_bounded_noise(batch, router):
+    model = tucka_llama(seed=5, perturb_scale=0.25, router=router)
     before = centroids(model)
     e = tucka_llm.data_aware_init(model, calibration_batches(batch), seed=7)["default"]
 
@@ -80,10 +86,23 @@ def test_dai_sets_centroids_to_the_masked_feature_centroid_plus_bounded_noise(ba
 
     E = centroids(model)
     assert not torch.equal(E, before)
-    torch.testing.assert_close(E[0], e)
     assert ((E - e).abs() <= 0.25).all()
-    assert (E[1:] - e).abs().amax() > 0.2  # the perturbation spans the interval, it is not ~0
+    if router == "dai":  # the paper's E = [e, e + eps_1, ...]
+        torch.testing.assert_close(E[0], e)
+        assert (E[1:] - e).abs().amax() > 0.2  # the perturbation spans the interval, it is not ~0
+    else:  # centred: every row perturbed (an unperturbed row would score 0 for every input), and e_bar = e
+        assert (E - e).abs().amax(dim=1).min() > 0.2
+        (layer,) = routing_layers(model).values()
+        assert torch.equal(layer.tucka_center["default"], e)
     assert model.training is False  # calibration left the mode as it found it
+
+
+def test_redraw_router_has_no_centroids_and_no_trainable_router_parameter(batch):
+    model = tucka_llama(seed=5, router="redraw").train()
+    assert not [n for n, _ in model.named_parameters() if "tucka_centroids" in n]
+    tucka_llm.data_aware_init(model, calibration_batches(batch), seed=7)
+    _, grads = loss_and_grads(model, batch)
+    assert set(grads) == set(trainable(model)) and all(g.abs().sum() > 0 for g in grads.values())
 
 
 def test_dai_is_deterministic_for_the_same_batches_and_seed(batch):

@@ -9,6 +9,7 @@ from importlib import metadata
 from tucka_llm.tucka import (
     ExpertLoad,
     Route,
+    RouteMixture,
     TuckAConfig,
     TuckALayer,
     TuckAModel,
@@ -17,7 +18,7 @@ from tucka_llm.tucka import (
     routing,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def package_versions(*packages: str) -> dict[str, str]:
@@ -34,6 +35,7 @@ def package_versions(*packages: str) -> dict[str, str]:
 __all__ = [
     "ExpertLoad",
     "Route",
+    "RouteMixture",
     "TuckAConfig",
     "TuckALayer",
     "TuckAModel",

@@ -3,15 +3,17 @@
 from tucka_llm.tucka.config import TuckAConfig
 from tucka_llm.tucka.dai import data_aware_init
 from tucka_llm.tucka.layer import TuckALayer
-from tucka_llm.tucka.model import TuckAModel
+from tucka_llm.tucka.model import TuckAModel, expert_load, routing
 from tucka_llm.tucka.registration import register_tucka
-from tucka_llm.tucka.routing import ExpertLoad, Route, expert_load, routing
+from tucka_llm.tucka.routing import ROUTERS, ExpertLoad, Route, RouteMixture
 
 register_tucka(TuckAConfig, TuckAModel)
 
 __all__ = [
+    "ROUTERS",
     "ExpertLoad",
     "Route",
+    "RouteMixture",
     "TuckAConfig",
     "TuckALayer",
     "TuckAModel",

@@ -1,8 +1,8 @@
-"""Data-aware initialisation of the router centroids (paper Sec. 3.4, Eq. 10; method note, section 3).
+"""Data-aware initialisation of the router (paper Sec. 3.4, Eq. 10; method note, section 3).
 
 An explicit calibration step, run once before training (and before a DeepSpeed engine copies the weights into its
 fp32 master), on the same batches and seed on every rank. Nothing else ever writes DAI values: loading an adapter
-keeps its trained centroids.
+keeps its trained centroids (and its e_bar).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from tucka_llm.tucka.layer import FeaturesCollected, TuckALayer
 
 
 def routing_layers(model: nn.Module) -> dict[str, TuckALayer]:
-    """The layer that holds the centroids E (and routes), per TuckA adapter name."""
-    return {name: m for m in model.modules() if isinstance(m, TuckALayer) for name in m.tucka_centroids}
+    """The layer that routes (and holds the centroids E and e_bar), per TuckA adapter name."""
+    return {name: m for m in model.modules() if isinstance(m, TuckALayer) for name in m.tucka_routes}
 
 
 @torch.no_grad()
-def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """``{adapter: e}`` for every active TuckA adapter: the centroid (float32, CPU) of the routing features of
-    ``batches`` (per-sequence means of the routing layer's input over real tokens). Changes no weight.
+def calibration_features(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{adapter: h}`` for every active TuckA adapter: the routing feature of every sequence of ``batches``, (n, d)
+    float32 on the CPU (the mean of the routing layer's input over its real tokens). Changes no weight.
 
     Each batch is a mapping with ``input_ids`` and optionally ``attention_mask``; only the model up to the routing
-    layer runs.
+    layer runs, so the features depend on the base model alone when the routing layer is the first adapted one.
     """
     layers = routing_layers(model)
     batches = list(batches)
@@ -36,7 +36,7 @@ def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    centroids: dict[str, torch.Tensor] = {}
+    features: dict[str, torch.Tensor] = {}
     try:
         for name, layer in layers.items():
             if name not in layer.active_adapters:
@@ -51,29 +51,40 @@ def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
                             input_ids=batch["input_ids"].to(device),
                             attention_mask=None if mask is None else mask.to(device),
                         )
-                centroids[name] = torch.cat([f.cpu() for f in state.calibration]).mean(dim=0)
+                features[name] = torch.cat([f.cpu() for f in state.calibration])
             finally:
                 state.calibration = None
     finally:
         model.train(was_training)
-    return centroids
+    return features
+
+
+def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``{adapter: e}``: the centroid (float32, CPU) of the routing features of ``batches``."""
+    return {name: h.mean(dim=0) for name, h in calibration_features(model, batches).items()}
 
 
 @torch.no_grad()
+def initialise_router(model: nn.Module, features: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """DAI from calibration features ``{adapter: (n, d)}``: e = their mean; E from e as the adapter's router wants
+    it (``Router.initial_centroids``) and, for the centred router, e_bar = e. Returns ``{adapter: e}``."""
+    layers = routing_layers(model)
+    centroids = {}
+    for name, h in features.items():
+        layer, e = layers[name], h.float().mean(dim=0)
+        initial = layer.tucka_state[name].router.initial_centroids(e, seed)
+        if initial is not None:
+            target = layer.tucka_centroids[name]
+            target.copy_(initial.to(target.device, target.dtype))
+        if name in layer.tucka_center:
+            layer.tucka_center[name].copy_(e.to(layer.tucka_center[name].device))
+        centroids[name] = e
+    return centroids
+
+
 def data_aware_init(
     model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Set E = [e, e + eps_1, ..., e + eps_{kt-1}], eps ~ U(-a, a), for every active TuckA adapter of ``model``.
-
-    ``e`` is ``routing_centroids(model, batches)``. Deterministic for the same batches and seed. Returns
-    ``{adapter: e}``: the training-data centroid that export uses to pick a route.
-    """
-    centroids = routing_centroids(model, batches)
-    layers = routing_layers(model)
-    for name, e in centroids.items():
-        state = layers[name].tucka_state[name]
-        generator = torch.Generator().manual_seed(seed)
-        noise = (torch.rand(state.k * state.t - 1, e.numel(), generator=generator) * 2 - 1) * state.perturb_scale
-        target = layers[name].tucka_centroids[name]
-        target.copy_(torch.cat([e.unsqueeze(0), e + noise]).to(target.device, target.dtype))
-    return centroids
+    """Calibrate the router of every active TuckA adapter of ``model`` on ``batches`` (deterministic for the same
+    batches and seed) and return ``{adapter: e}``, the calibration centroid (see ``initialise_router``)."""
+    return initialise_router(model, calibration_features(model, batches), seed)

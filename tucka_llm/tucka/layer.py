@@ -1,7 +1,8 @@
 """TuckALayer: the TuckA adapter of one Linear layer (method note, section 1).
 
 Per adapter, trainable: cores G (k, p, r, r), expert factor C (t, p), subspace factor U (d, r); the routing layer
-also holds the centroids E (k*t, d). With route (group i, gates g) the layer computes
+also holds the centroids E (k*t, d) (not for the redraw router) and, for the centred router, the calibration
+centroid e_bar (d,) as a frozen float32 buffer. With route (group i, gates g) the layer computes
 
     M = alpha * sum_j g_j sum_q C^[j, q] G^_i[q]        (r x r; ^ = divided by its Frobenius norm)
     y = base_layer(x + (x U^) M U^T)
@@ -15,18 +16,12 @@ import math
 from typing import Any
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from tucka_llm.tucka.config import TuckAConfig
-from tucka_llm.tucka.routing import (
-    ActiveRoute,
-    Route,
-    RoutingState,
-    fixed_route,
-    route_from_features,
-    routing_features,
-)
+from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture, RoutingState, fixed_route, routing_features
 
 
 class FeaturesCollected(Exception):
@@ -37,7 +32,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
     """A Linear layer with TuckA adapters; one adapter's layers share a ``RoutingState``."""
 
     adapter_layer_names = ("tucka_core", "tucka_expert", "tucka_subspace", "tucka_centroids")
-    other_param_names = ("tucka_alpha",)
+    other_param_names = ("tucka_alpha", "tucka_center", "tucka_state", "tucka_routes")
 
     def __init__(
         self,
@@ -55,7 +50,9 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         self.tucka_core = nn.ParameterDict()  # G
         self.tucka_expert = nn.ParameterDict()  # C
         self.tucka_subspace = nn.ParameterDict()  # U
-        self.tucka_centroids = nn.ParameterDict()  # E, routing layer only
+        self.tucka_centroids = nn.ParameterDict()  # E, routing layer only (centred and dai routers)
+        self.tucka_center = BufferDict(persistent=True)  # e_bar, routing layer only (centred router), float32
+        self.tucka_routes: dict[str, bool] = {}  # the adapters this layer routes for (a dict: peft deletes by key)
         self.tucka_alpha: dict[str, float] = {}
         self.tucka_state: dict[str, RoutingState] = {}
         self._disable_adapters = False
@@ -73,8 +70,14 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         self.tucka_core[adapter_name] = nn.Parameter(torch.empty(k, p, r, r))
         self.tucka_expert[adapter_name] = nn.Parameter(torch.empty(t, p))
         self.tucka_subspace[adapter_name] = nn.Parameter(torch.empty(d, r))
+        if config.alpha == "auto":
+            raise ValueError("TuckAConfig.alpha='auto' must be resolved before layers are made (TuckAModel does it).")
         if is_router:
-            self.tucka_centroids[adapter_name] = nn.Parameter(torch.empty(k * t, d))
+            self.tucka_routes[adapter_name] = True
+            if state.router.has_centroids:
+                self.tucka_centroids[adapter_name] = nn.Parameter(torch.empty(k * t, d))
+            if state.router.kind == "centred":
+                self.tucka_center[adapter_name] = torch.zeros(d)  # set by data_aware_init
         self.tucka_alpha[adapter_name] = float(config.alpha)
         self.tucka_state[adapter_name] = state
         self.reset_tucka_parameters(adapter_name)
@@ -95,10 +98,24 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         if adapter_name in self.tucka_centroids:
             nn.init.kaiming_uniform_(self.tucka_centroids[adapter_name], a=math.sqrt(5))
 
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
+        """peft moves an adapter to the base layer's device and dtype; e_bar stays float32 (the centring must be
+        exact in a bf16 run, and a saved float32 e_bar must load without a bf16 rounding)."""
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        if adapter_name in self.tucka_center:
+            self.tucka_center[adapter_name] = self.tucka_center[adapter_name].float()
+
     # ----------------------------------------------------------------------------------------------- routing
+    def router_tensors(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(E, e_bar) of an adapter this layer routes for; None where its router keeps none (BufferDict has no
+        ``get``, hence the tests)."""
+        centroids = self.tucka_centroids[adapter_name] if adapter_name in self.tucka_centroids else None  # noqa: SIM401
+        center = self.tucka_center[adapter_name] if adapter_name in self.tucka_center else None  # noqa: SIM401
+        return centroids, center
+
     def _route(self, adapter_name: str, x: torch.Tensor) -> ActiveRoute:
         state = self.tucka_state[adapter_name]
-        if adapter_name in self.tucka_centroids:
+        if adapter_name in self.tucka_routes:
             return self._decide_route(adapter_name, x, state)
         if state.route is None:
             raise RuntimeError(
@@ -115,18 +132,20 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         """
         if state.held:
             return state.route
-        centroids = self.tucka_centroids[adapter_name]
+        centroids, center = self.router_tensors(adapter_name)
         mode = state.effective_mode(self.training)
         if state.calibration is not None:
             state.calibration.append(routing_features(x.detach().float(), state.attention_mask))
             raise FeaturesCollected
-        if isinstance(mode, Route):
-            route = fixed_route(mode, centroids.device, centroids.dtype)
+        router = state.router
+        if isinstance(mode, Route | RouteMixture):
+            route = fixed_route(mode, x.device, self.tucka_subspace[adapter_name].dtype)
         else:
-            features = routing_features(x.to(centroids.dtype), state.attention_mask)
+            dtype = centroids.dtype if centroids is not None else torch.float32
+            features = router.features(x, state.attention_mask, dtype)
             if mode == "batch":
                 features = features.mean(dim=0, keepdim=True)
-            route = route_from_features(centroids, features, state.k, state.t)
+            route = router.route_features(features, centroids, center, (state.draw_step, state.draws))
         if state.route is None:
             state.route = route
             state.record(route)
@@ -134,11 +153,17 @@ class TuckALayer(nn.Module, BaseTunerLayer):
 
     # ----------------------------------------------------------------------------------------------- update
     def mixing_matrix(self, adapter_name: str, route: ActiveRoute, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """alpha * sum_j g_j (C^ x1 G^_i)[j]: (n, r, r), one per route, in ``dtype`` (default: the adapter's)."""
+        """alpha * sum_j g_j (C^ x1 G^_i)[j]: (n, r, r), one per route, in ``dtype`` (default: the adapter's).
+
+        A mixture of routes (``route.weights``) gives their weighted sum, (1, r, r): M is linear in the gates.
+        """
         cores = self.tucka_core[adapter_name].index_select(0, route.group).to(dtype)  # (n, p, r, r)
         cores = cores / cores.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         expert = self.tucka_expert[adapter_name].to(dtype)
         coefficients = route.gates.to(expert.dtype) @ (expert / expert.norm())  # (n, p)
+        if route.weights is not None:
+            coefficients = coefficients * route.weights.to(coefficients.dtype).view(-1, 1)
+            return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->rs", coefficients, cores).unsqueeze(0)
         return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->nrs", coefficients, cores)
 
     def normalised_subspace(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -183,7 +208,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         return self.base_layer(adapted.to(x.dtype), *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- merging
-    def merge_factors(self, adapter_name: str, route: Route) -> tuple[torch.Tensor, torch.Tensor]:
+    def merge_factors(self, adapter_name: str, route: Route | RouteMixture) -> tuple[torch.Tensor, torch.Tensor]:
         """(U^, M) in fp32 for a fixed route (alpha folded into M): the update is W U^ M^T U^T (section 4)."""
         active = fixed_route(route, self.tucka_subspace[adapter_name].device, torch.float32)
         with torch.no_grad():
@@ -209,7 +234,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             merged = original.clone()
             for name in names:
                 route = self.tucka_state[name].mode
-                if not isinstance(route, Route):
+                if not isinstance(route, Route | RouteMixture):
                     raise ValueError(
                         f"TuckA adapter '{name}' routes per input and cannot be merged as is: choose the route to "
                         "fold, e.g. `with tucka_llm.routing(model, tucka_llm.Route(group, gates)): "

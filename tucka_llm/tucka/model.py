@@ -1,16 +1,26 @@
-"""TuckAModel: the peft tuner that injects TuckA layers into a model and wires their shared router."""
+"""TuckAModel, the peft tuner that injects TuckA layers and wires their shared router, and the model-level routing
+controls: ``routing`` (the mode of every adapter for a block), ``expert_load`` and ``routing_states``."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
-from tucka_llm.tucka.config import TuckAConfig
+from tucka_llm.tucka.config import TuckAConfig, width_scaled_alpha
 from tucka_llm.tucka.layer import TuckALayer
-from tucka_llm.tucka.routing import RoutingState, install_forward_hook
+from tucka_llm.tucka.routing import (
+    ExpertLoad,
+    Router,
+    RoutingMode,
+    RoutingState,
+    install_forward_hook,
+    validate_mode,
+)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -62,10 +72,13 @@ class TuckAModel(BaseTuner):
                 f"TuckAConfig.router_module={config.router_module!r} is not one of the adapted layers "
                 f"(the first is {matched[0]!r})."
             )
+        if config.alpha == "auto":  # resolved once and saved, so a reloaded adapter never depends on the rule
+            config.alpha = width_scaled_alpha(model.get_submodule(config.router_module).in_features)
         if not hasattr(self, "_tucka_states"):
             self._tucka_states: dict[str, RoutingState] = {}
             self._tucka_hook = install_forward_hook(model, self._tucka_states)
-        self._tucka_states[adapter_name] = RoutingState(config.k, config.t, config.router_module, config.perturb_scale)
+        router = Router(config.router, config.k, config.t, config.perturb_scale, config.normalize_gates, config.seed)
+        self._tucka_states[adapter_name] = RoutingState(router, config.router_module)
 
     def _create_and_replace(
         self,
@@ -95,3 +108,43 @@ class TuckAModel(BaseTuner):
         model = super()._unload_and_optionally_merge(*args, **kwargs)
         self._tucka_hook.remove()  # the plain model no longer has adapters to route
         return model
+
+
+def routing_states(model: nn.Module) -> dict[str, RoutingState]:
+    """The routing state of every TuckA adapter in ``model`` (a PeftModel, a DeepSpeed engine, any module)."""
+    states: dict[str, RoutingState] = {}
+    for module in model.modules():
+        if isinstance(module, TuckALayer):
+            states.update(module.tucka_state)
+    if not states:
+        raise ValueError(
+            "No TuckA adapter found in this model: wrap it with peft.get_peft_model(model, TuckAConfig())."
+        )
+    return states
+
+
+@contextmanager
+def routing(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
+    """Set the routing mode of every TuckA adapter in ``model`` for the duration of the block.
+
+    ``mode``: ``"batch"`` (one route per forward, the paper's training-time routing), ``"sequence"`` (one route
+    per sequence, so an answer never depends on its batch neighbours), a ``Route`` (fixed group and gates), a
+    ``RouteMixture`` (a fixed weighted sum of routes), or None (the default: batch while ``model.training``,
+    sequence otherwise).
+    """
+    states = list(routing_states(model).values())
+    for state in states:
+        validate_mode(mode, state.k, state.t)
+    previous = [state.mode for state in states]
+    try:
+        for state in states:
+            state.mode, state.route, state.held = mode, None, False
+        yield
+    finally:
+        for state, old in zip(states, previous, strict=True):
+            state.mode, state.route, state.held = old, None, False
+
+
+def expert_load(model: nn.Module, reset: bool = True) -> dict[str, ExpertLoad]:
+    """Per adapter: how often each group was chosen, its mean gates and the routing entropy since the last read."""
+    return {name: state.read_load(reset) for name, state in routing_states(model).items()}

@@ -1,22 +1,34 @@
-"""Batch-level routing (method note, section 2): route type, per-adapter routing state, router math.
+"""Batch-level routing (method note, sections 2-3): routes, the three routers' math, the per-adapter routing state.
 
-One router (the centroids E, on the first adapted layer) decides, once per forward, the expert group and the
-gates that every TuckA layer of the adapter then uses. The decision lives in a ``RoutingState`` shared by the
-layers of one adapter. It is computed at prefill and held for the decode steps of ``generate``.
+One router (on the first adapted layer) decides, once per forward, the expert group and the gates that every TuckA
+layer of the adapter then uses. The decision lives in a ``RoutingState`` shared by the layers of one adapter. It is
+computed at prefill and held for the decode steps of ``generate``. This module knows nothing of layers or models:
+the model-level helpers (``routing``, ``expert_load``, ``routing_states``) live in ``tucka_llm.tucka.model``.
+
+Routers (``TuckAConfig.router``):
+
+- ``centred`` (default): logits E (h - e_bar), e_bar the calibration centroid (a frozen float32 buffer), E = e_bar +
+  eps for every row. The route depends only on the direction of h - e_bar, so the large component that every
+  input shares (and that makes the paper's router collapse onto one group, method note section 3) drops out.
+- ``dai``: the paper's design, DAI once: E = [e, e + eps_1, ...], logits E h.
+- ``redraw``: the authors' published code: E redrawn around the current route feature at every forward and never
+  trained; the draws come from a generator seeded by (seed, step, forward), so a resumed run draws the same.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+ROUTERS = ("centred", "dai", "redraw")
 
 
 @dataclass(frozen=True)
@@ -36,18 +48,47 @@ class Route:
             raise ValueError(f"Route group {self.group} is out of range: the adapter has k={k} groups (0..{k - 1}).")
         if len(self.gates) != t:
             raise ValueError(f"Route has {len(self.gates)} gates, but each group has t={t} experts: give {t} gates.")
+        if not all(math.isfinite(g) for g in self.gates):
+            raise ValueError(f"Route gates must be finite numbers, got {list(self.gates)}.")
 
 
-RoutingMode = str | Route | None
+@dataclass(frozen=True)
+class RouteMixture:
+    """A fixed weighted sum of routes: the update is sum_i weight_i * update(route_i).
+
+    Under a fixed route the update is linear in the (group, gates) selection, so the mean update over many inputs'
+    routes is exactly such a mixture (export's ``expected`` fold). It is not any single route.
+    """
+
+    parts: tuple[tuple[float, Route], ...]
+
+    def __init__(self, parts: Sequence[tuple[float, Route]]) -> None:
+        object.__setattr__(self, "parts", tuple((float(w), r) for w, r in parts))
+
+    def check(self, k: int, t: int) -> None:
+        if not self.parts:
+            raise ValueError("A RouteMixture needs at least one (weight, Route) part.")
+        for weight, route in self.parts:
+            route.check(k, t)
+            if not (math.isfinite(weight) and weight >= 0):
+                raise ValueError(f"RouteMixture weights must be finite and >= 0, got {weight}.")
+
+
+RoutingMode = str | Route | RouteMixture | None
 _MODES = ("batch", "sequence")
 
 
 @dataclass
 class ActiveRoute:
-    """A route as tensors: ``group`` (n,) and ``gates`` (n, t); n is 1 (one route for all) or the batch size."""
+    """A route as tensors: ``group`` (n,) and ``gates`` (n, t); n is 1 (one route for all) or the batch size.
+
+    With ``weights`` (n,) the n routes are not alternatives but the parts of one ``RouteMixture``: the update is
+    their weighted sum.
+    """
 
     group: torch.Tensor
     gates: torch.Tensor
+    weights: torch.Tensor | None = None
 
 
 @dataclass
@@ -79,23 +120,33 @@ class ExpertLoad:
 
 
 class RoutingState:
-    """What the layers of one TuckA adapter share: the routing mode, the current route and the load statistics.
+    """What the layers of one TuckA adapter share: the router, the routing mode, the current route, load statistics.
 
     ``begin_forward`` is called by a forward pre-hook on the wrapped model with the model's own arguments, so the
-    attention mask reaches the router without the user doing anything.
+    attention mask reaches the router without the user doing anything. ``draw_step`` and ``draws`` key the redraw
+    router's random draws: training sets ``draw_step`` to the optimizer step at each step's start (``draws`` back
+    to 0), and every model forward that is not a decode step counts one draw.
     """
 
-    def __init__(self, k: int, t: int, router_module: str, perturb_scale: float) -> None:
-        self.k, self.t = k, t
+    def __init__(self, router: Router, router_module: str) -> None:
+        self.router = router
         self.router_module = router_module
-        self.perturb_scale = perturb_scale
         self.mode: RoutingMode = None  # None: "batch" while training, "sequence" in eval mode
         self.attention_mask: torch.Tensor | None = None
         self.route: ActiveRoute | None = None
         self.held = False  # True during decode steps: the route of the prefill is reused
         self.calibration: list[torch.Tensor] | None = None  # set by data_aware_init while it collects features
+        self.draw_step, self.draws = 0, 0
         self._load_counts: torch.Tensor | None = None  # (k,) on the router's device
         self._load_gates: torch.Tensor | None = None  # (k, t)
+
+    @property
+    def k(self) -> int:
+        return self.router.k
+
+    @property
+    def t(self) -> int:
+        return self.router.t
 
     def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
         """A new model forward: keep the held route during decode steps, else forget it and take the new mask."""
@@ -103,9 +154,14 @@ class RoutingState:
         if self.held:
             return
         self.route = None
+        self.draws += 1
         self.attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
 
-    def effective_mode(self, training: bool) -> str | Route:
+    def start_step(self, step: int) -> None:
+        """Training reached optimizer step ``step``: the redraw router's draws restart from (step, 0)."""
+        self.draw_step, self.draws = step, 0
+
+    def effective_mode(self, training: bool) -> str | Route | RouteMixture:
         if self.mode is None:
             return "batch" if training else "sequence"
         return self.mode
@@ -116,8 +172,9 @@ class RoutingState:
             if self._load_counts is None or self._load_counts.device != route.group.device:
                 self._load_counts = torch.zeros(self.k, device=route.group.device, dtype=torch.float32)
                 self._load_gates = torch.zeros(self.k, self.t, device=route.group.device, dtype=torch.float32)
-            self._load_counts.index_add_(0, route.group, torch.ones_like(route.group, dtype=torch.float32))
-            self._load_gates.index_add_(0, route.group, route.gates.detach().float())
+            counts = torch.ones_like(route.group, dtype=torch.float32) if route.weights is None else route.weights
+            self._load_counts.index_add_(0, route.group, counts.float())
+            self._load_gates.index_add_(0, route.group, route.gates.detach().float() * counts.float().view(-1, 1))
 
     def load_sums(self, reset: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw statistics since the last read, on the CPU: route counts per group (k,) and gate sums (k, t).
@@ -155,38 +212,120 @@ def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
-def route_scores(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> torch.Tensor:
-    """Paper Eq. 6-7 with the authors' per-group normalisation: features (n, d) -> expert scores (n, k, t) in (0, 1).
+def _seed_of(*numbers: int) -> int:
+    """A 63-bit generator seed that depends on every number (a stable hash, unlike Python's salted ``hash``)."""
+    digest = hashlib.sha256(",".join(map(str, numbers)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
-    s = sigmoid(normalise_within_group(E h)); without the normalisation s saturates at 1 for d = 4096.
+
+@dataclass(frozen=True)
+class Router:
+    """The router of one adapter: which design (``kind``, one of ROUTERS) and its settings (method note, 2-3).
+
+    Every design scores the k*t experts as s = sigmoid(normalise_within_group(logits)) (the authors' per-group
+    normalisation, without which s saturates at 1 for d = 4096), takes the group of the best expert, and gates its
+    experts by their scores, normalised to sum 1 (paper Eq. 8) unless ``normalize_gates`` is False (the authors'
+    code, whose update is then scaled by the sum of the scores, ~1.2-1.34 at t = 2).
     """
-    logits = F.linear(features, centroids).view(-1, k, t)
-    return torch.sigmoid(F.normalize(logits, dim=-1))
+
+    kind: str
+    k: int
+    t: int
+    perturb_scale: float
+    normalize_gates: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROUTERS:
+            raise ValueError(f"Unknown TuckA router {self.kind!r}: use one of {', '.join(ROUTERS)}.")
+
+    @property
+    def has_centroids(self) -> bool:
+        """Whether the router has trained centroids E (the redraw router draws them anew at every forward)."""
+        return self.kind != "redraw"
+
+    def features(self, x: torch.Tensor, attention_mask: torch.Tensor | None, centroids_dtype: torch.dtype):
+        """The routing feature h of each sequence. ``dai`` averages in E's dtype, as it always has (old adapters
+        route exactly as before); the others average and centre in float32, so a bf16 run's h - e_bar is exact."""
+        return routing_features(x.to(centroids_dtype) if self.kind == "dai" else x.float(), attention_mask)
+
+    def logits(
+        self,
+        features: torch.Tensor,
+        centroids: torch.Tensor | None,
+        center: torch.Tensor | None,
+        draw: tuple[int, int] = (0, 0),
+    ) -> torch.Tensor:
+        """(n, d) features -> (n, k*t) expert logits; ``draw`` keys the redraw router's draw."""
+        if self.kind == "centred":
+            return F.linear(features.float() - center.float(), centroids.float())
+        if self.kind == "dai":
+            return F.linear(features, centroids)
+        # redraw: E = [h, h + eps_1, ...] around each route's own feature, so E h = |h|^2 + [0, eps_1 h, ...]
+        noise = self.redraw_noise(features.shape[-1], draw).to(features.device)
+        h = features.float()
+        return (h * h).sum(dim=-1, keepdim=True) + F.linear(h, noise)
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(n, k*t) logits -> (n, k, t) expert scores in (0, 1)."""
+        return torch.sigmoid(F.normalize(logits.view(-1, self.k, self.t), dim=-1))
+
+    def route(self, scores: torch.Tensor) -> ActiveRoute:
+        """Paper Eqs. 7-8: the winning expert's group is active, gated by its experts' scores. No host sync."""
+        group = scores.flatten(1).argmax(dim=-1) // self.t
+        chosen = scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, self.t)).squeeze(1)
+        gates = chosen / chosen.sum(dim=-1, keepdim=True) if self.normalize_gates else chosen
+        return ActiveRoute(group=group, gates=gates)
+
+    def route_features(
+        self,
+        features: torch.Tensor,
+        centroids: torch.Tensor | None,
+        center: torch.Tensor | None,
+        draw: tuple[int, int] = (0, 0),
+    ) -> ActiveRoute:
+        """features (n, d) -> one route per row."""
+        return self.route(self.scores(self.logits(features, centroids, center, draw)))
+
+    def initial_centroids(self, e: torch.Tensor, seed: int) -> torch.Tensor | None:
+        """DAI (paper Eq. 10) from the calibration centroid ``e``: E = [e, e + eps_1, ...] for ``dai``, E = e + eps
+        for every row for ``centred`` (an unperturbed row would score exactly 0 for every input), eps ~ U(-a, a);
+        None for ``redraw``, which keeps no E."""
+        if not self.has_centroids:
+            return None
+        rows = self.k * self.t - (1 if self.kind == "dai" else 0)
+        generator = torch.Generator().manual_seed(seed)
+        noise = (torch.rand(rows, e.numel(), generator=generator) * 2 - 1) * self.perturb_scale
+        e = e.float().cpu()
+        return torch.cat([e.unsqueeze(0), e + noise]) if self.kind == "dai" else e + noise
+
+    def redraw_noise(self, d: int, draw: tuple[int, int]) -> torch.Tensor:
+        """The redraw router's perturbations for one forward: (k*t, d), first row 0, the rest U(-a, a), seeded by
+        (seed, step, forward) so that the same step of a resumed run draws the same."""
+        generator = torch.Generator().manual_seed(_seed_of(self.seed, *draw))
+        noise = (torch.rand(self.k * self.t - 1, d, generator=generator) * 2 - 1) * self.perturb_scale
+        return torch.cat([torch.zeros(1, d), noise])
 
 
-def route_from_features(centroids: torch.Tensor, features: torch.Tensor, k: int, t: int) -> ActiveRoute:
-    """Paper Eqs. 6-8: the winning expert's group is active and its gates are its scores normalised to sum 1.
-
-    features (n, d) -> one route per row. All tensors, no host synchronisation.
-    """
-    scores = route_scores(centroids, features, k, t)
-    group = scores.flatten(1).argmax(dim=-1) // t
-    chosen = scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, t)).squeeze(1)
-    return ActiveRoute(group=group, gates=chosen / chosen.sum(dim=-1, keepdim=True))
-
-
-def fixed_route(route: Route, device: torch.device, dtype: torch.dtype) -> ActiveRoute:
+def fixed_route(route: Route | RouteMixture, device: torch.device, dtype: torch.dtype) -> ActiveRoute:
+    """A fixed route (or mixture of routes) as tensors."""
+    parts = route.parts if isinstance(route, RouteMixture) else ((1.0, route),)
     return ActiveRoute(
-        group=torch.tensor([route.group], device=device),
-        gates=torch.tensor([route.gates], device=device, dtype=dtype),
+        group=torch.tensor([r.group for _, r in parts], device=device),
+        gates=torch.tensor([r.gates for _, r in parts], device=device, dtype=dtype),
+        weights=torch.tensor([w for w, _ in parts], device=device, dtype=dtype)
+        if isinstance(route, RouteMixture)
+        else None,
     )
 
 
 def validate_mode(mode: RoutingMode, k: int, t: int) -> None:
-    if isinstance(mode, Route):
+    if isinstance(mode, Route | RouteMixture):
         mode.check(k, t)
     elif mode is not None and mode not in _MODES:
-        raise ValueError(f"Unknown routing mode {mode!r}: use 'batch', 'sequence' or a tucka_llm.Route.")
+        raise ValueError(
+            f"Unknown routing mode {mode!r}: use 'batch', 'sequence', a tucka_llm.Route or a tucka_llm.RouteMixture."
+        )
 
 
 def _cache_length(past_key_values: Any) -> int:
@@ -219,44 +358,3 @@ def install_forward_hook(model: nn.Module, states: dict[str, RoutingState]) -> t
             state.begin_forward(mask, decoding)
 
     return model.register_forward_pre_hook(hook, with_kwargs=True)
-
-
-def routing_states(model: nn.Module) -> dict[str, RoutingState]:
-    """The routing state of every TuckA adapter in ``model`` (a PeftModel, a DeepSpeed engine, any module)."""
-    from tucka_llm.tucka.layer import TuckALayer
-
-    states: dict[str, RoutingState] = {}
-    for module in model.modules():
-        if isinstance(module, TuckALayer):
-            states.update(module.tucka_state)
-    if not states:
-        raise ValueError(
-            "No TuckA adapter found in this model: wrap it with peft.get_peft_model(model, TuckAConfig())."
-        )
-    return states
-
-
-@contextmanager
-def routing(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
-    """Set the routing mode of every TuckA adapter in ``model`` for the duration of the block.
-
-    ``mode``: ``"batch"`` (one route per forward, the paper's training-time routing), ``"sequence"`` (one route
-    per sequence, so an answer never depends on its batch neighbours), a ``Route`` (fixed group and gates), or
-    None (the default: batch while ``model.training``, sequence otherwise).
-    """
-    states = list(routing_states(model).values())
-    for state in states:
-        validate_mode(mode, state.k, state.t)
-    previous = [state.mode for state in states]
-    try:
-        for state in states:
-            state.mode, state.route, state.held = mode, None, False
-        yield
-    finally:
-        for state, old in zip(states, previous, strict=True):
-            state.mode, state.route, state.held = old, None, False
-
-
-def expert_load(model: nn.Module, reset: bool = True) -> dict[str, ExpertLoad]:
-    """Per adapter: how often each group was chosen, its mean gates and the routing entropy since the last read."""
-    return {name: state.read_load(reset) for name, state in routing_states(model).items()}
