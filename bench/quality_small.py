@@ -1,18 +1,26 @@
-"""Small-scale quality: TuckA, LoRA and DoRA on SmolLM2-135M-Instruct with equal steps and data, side by side.
+"""Small-scale quality over seeds: LoRA r32 and TuckA under each router on SmolLM2-135M-Instruct, same data and steps.
 
-    python bench/quality_small.py                          # 60 steps x 8 sequences each, 100 held-out, 40 problems
-    python bench/quality_small.py --steps 2 --held-out 4 --problems 2 --max-new-tokens 8      # the pipeline only
+    python bench/quality_small.py --seeds 2                      # LoRA, TuckA centred and dai; 60 steps x 8 each
+    python bench/quality_small.py --seeds 2 --routers centred,dai,redraw --steps 40
+    python bench/quality_small.py --seeds 1 --steps 2 --held-out 8             # the pipeline only
+    python bench/quality_small.py --seeds 2 --table-only                       # the table from what has finished
 
-Each adapter is trained, merged and evaluated by the demo's own stages (``tucka_llm.demo.adapter_stages``: the
-launcher under DeepSpeed ZeRO-2 on 2 CPU ranks, fp32, micro-batch 4, global batch 8, the first ``steps x 8`` GSM8K
-training problems in MetaMathQA form, merged in fp32, GSM8K on the first ``--problems`` test problems with vLLM).
-The adapters use the reference settings (TuckA r16 k4 t2 p2, LoRA/DoRA r32 alpha 32, lr 1e-3 cosine). TuckA runs
-twice: with the reference alpha 512 and with alpha scaled to the model's width (see ``width_scaled_alpha``).
+Each run is trained and merged by the demo's own stages (``tucka_llm.demo.training_stages``: the launcher under
+DeepSpeed ZeRO-2 on 2 CPU ranks, fp32, micro-batch 4, global batch 8, the first ``steps x 8`` GSM8K training
+problems in MetaMathQA form, ``--seed`` = the run's seed; export in fp32 under its default route). Adapters use the
+reference settings (TuckA r16 k4 t2 p2 alpha auto = 192 at SmolLM2's width, LoRA r32 alpha 32, lr 1e-3 cosine).
 
-For the base model and each merged model the held-out loss is measured in this process: the mean cross-entropy per
-response token (prompts masked, as in training) on the first ``--held-out`` GSM8K *test* problems in MetaMathQA form.
-The paper's claim to hold against: TuckA at about a quarter of LoRA's parameters matching or beating it. Stages whose
-outputs exist are skipped, so an interrupted run continues.
+Measured on the first ``--held-out`` GSM8K *test* problems in MetaMathQA form (held out from training and from the
+router's calibration sample), as the mean cross-entropy per response token (prompts masked, as in training):
+
+- the unmerged adapter, each sequence on its own route (sequence routing), and the routing load it gives them;
+- the merged checkpoint that ``launch/export.py`` wrote (the default route);
+- TuckA: the adapter under each export fold (``expected``, ``majority``, and ``centroid`` where the router allows
+  it), chosen by ``tucka_llm.export.route.choose_route`` exactly as export chooses it. Under a fixed selection the
+  adapter IS the merged model (tests/test_export.py pins it to 1e-5), so no checkpoint is written per fold.
+
+Results are cached per run (``measure.json``), so an interrupted bench continues and ``--table-only`` prints the
+table of whatever has finished.
 """
 
 from __future__ import annotations
@@ -25,130 +33,144 @@ import statistics
 import sys
 from pathlib import Path
 
-import datasets
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer
 
-from tucka_llm.data import asset_path, gsm8k_to_metamathqa, tokenize_metamathqa
-from tucka_llm.demo import DemoSize, adapter_stages, evaluate_stage
+import tucka_llm
+from tucka_llm.atomic import atomic_write_json
+from tucka_llm.demo import DemoSize, training_stages
+from tucka_llm.eval.loss import held_out_batches, held_out_loss, load_model, shipped_test_records
+from tucka_llm.export.route import DEFAULT_ROUTE, ExportError, RouteSpec, choose_route
 from tucka_llm.report import read_metrics, series, trainable_parameters
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import Stage, StageFailed, report_stage, run_stages
+from tucka_llm.stages import StageFailed, run_stages
 
-REFERENCE_ALPHA, REFERENCE_WIDTH = 512.0, 4096  # TuckA's alpha for Llama-2-7B (hidden size 4096)
-MAX_LEN = 384  # as the demo trains
-
-
-def width_scaled_alpha(model: Path) -> float:
-    """The reference alpha carried to this model's hidden size d: 512 * sqrt(d / 4096).
-
-    TuckA divides U, C and G by their Frobenius norms, so for an input x the update alpha * x U M U^T has a size
-    relative to x of about alpha / (r * sqrt(d)): the same alpha is a larger relative change on a narrower model
-    (2.7x larger at SmolLM2's d = 576 than at 4096). Scaling alpha by sqrt(d / 4096) keeps the reference's ratio.
-    """
-    width = AutoConfig.from_pretrained(model).hidden_size
-    return float(round(REFERENCE_ALPHA * math.sqrt(width / REFERENCE_WIDTH)))
+FOLDS = ("expected", "majority", "centroid")
+FIRST_SEED = 42  # the launcher's default --seed; seed i of the bench is 42 + i
 
 
-def held_out_batches(tokenizer: PreTrainedTokenizerBase, count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` GSM8K test problems in MetaMathQA form, tokenised as training does, in batches of 8."""
-    tokenizer.padding_side = "right"  # positions count from the first token, as in training
-    with asset_path("gsm8k", "test.jsonl").open(encoding="utf-8") as f:
-        records = [gsm8k_to_metamathqa(json.loads(line)) for _, line in zip(range(count), f, strict=False)]
-    data = tokenize_metamathqa(datasets.Dataset.from_list(records), tokenizer, MAX_LEN).dataset
-    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
-    return [collate([data[i] for i in range(start, min(start + 8, len(data)))]) for start in range(0, len(data), 8)]
+def held_out(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    return held_out_loss(model, batches)[0]
 
 
-@torch.no_grad()
-def held_out_loss(model_dir: Path, batches: list[dict[str, torch.Tensor]]) -> float:
-    """Mean cross-entropy per response token (prompts masked, as in training) of a model over ``batches``."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    total, tokens = 0.0, 0
-    for batch in batches:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        total += float(
-            torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-            )
+def measure(base: Path, run: Path, batches: list[dict[str, torch.Tensor]]) -> dict[str, object]:
+    """Everything the table needs from one finished run (see the module docstring)."""
+    train_losses = series(read_metrics(run / "train" / "metrics.jsonl"), "loss")[1]
+    result: dict[str, object] = {
+        "params": trainable_parameters(run / "train"),
+        "train_loss_first": train_losses[0],
+        "train_loss_last10": statistics.mean(train_losses[-10:]),
+        "merged": held_out(load_model(str(run / "merged")), batches),
+    }
+    model = load_model(str(base), str(run / "train"))
+    result["unmerged"] = held_out(model, batches)  # eval mode: each sequence on its own route
+    if not isinstance(model.peft_config["default"], tucka_llm.TuckAConfig):
+        return result
+    routes = tucka_llm.expert_load(model)["default"]  # the held-out sequences' routes, counted by the forwards above
+    result |= {"held_out_share": routes.fraction, "held_out_entropy": routes.entropy}
+    records = read_metrics(run / "train" / "metrics.jsonl")
+    groups = sorted(int(k.rsplit("group", 1)[1]) for k in records[-1] if k.startswith("expert_load/group"))
+    shares = [statistics.mean(r[f"expert_load/group{g}"] for r in records) for g in groups]
+    result["train_entropy"] = sum(-s * math.log(s) for s in shares if s > 0)
+    folds = {}
+    for fold in FOLDS:
+        try:
+            chosen = choose_route(model, RouteSpec.parse(fold), run / "train", None)
+        except ExportError:  # centroid under the centred router: degenerate, refused
+            continue
+        with tucka_llm.routing(model, chosen.route):
+            folds[fold] = {"loss": held_out(model, batches), "served_share": chosen.served_share}
+    result["folds"] = folds
+    return result
+
+
+def spread(values: list[float]) -> str:
+    """mean ± half the range over seeds (with 2 seeds: the distance of each seed from the mean)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {(max(values) - min(values)) / 2:.4f}"
+
+
+def print_tables(work: Path, variants: list[str], seeds: list[int], base_loss: float, held_out: int) -> None:
+    results: dict[str, list[dict]] = {}
+    for name in variants:
+        done = [work / f"{name}-seed{s}" / "measure.json" for s in seeds]
+        results[name] = [json.loads(p.read_text()) for p in done if p.is_file()]
+    print(f"\nHeld-out loss: first {held_out} GSM8K test problems; mean ± half-range over seeds (n = runs finished)\n")
+    print("| model | n | params | unmerged (sequence routing) | merged (default route) | unmerged vs LoRA | "
+          "held-out routing entropy | training routing entropy |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| base | – | – | {base_loss:.4f} | – | – | – | – |")
+    lora = [r["unmerged"] for r in results.get("lora", [])]
+    for name, runs in results.items():
+        if not runs:
+            continue
+        unmerged = [r["unmerged"] for r in runs]
+        ratio = f"{statistics.mean(unmerged) / statistics.mean(lora):.3f}" if lora else "–"
+        entropy = [spread([r[k] for r in runs]) if k in runs[0] else "–" for k in ("held_out_entropy", "train_entropy")]
+        print(
+            f"| {name} | {len(runs)} | {runs[0]['params']:,} | {spread(unmerged)} | "
+            f"{spread([r['merged'] for r in runs])} | {ratio} | {entropy[0]} | {entropy[1]} |"
         )
-        tokens += int((labels != -100).sum())
-    return total / tokens
-
-
-def variants(base: Path, alphas: list[float] | None) -> dict[str, tuple[str, list[object]]]:
-    """Directory name -> (method, extra training flags): TuckA once per alpha, then LoRA and DoRA."""
-    alphas = alphas or [REFERENCE_ALPHA, width_scaled_alpha(base)]
-    runs: dict[str, tuple[str, list[object]]] = {f"tucka-alpha{a:g}": ("tucka", ["--alpha", a]) for a in alphas}
-    return runs | {"lora": ("lora", []), "dora": ("dora", [])}
-
-
-def prefixed(prefix: str, stages: list[Stage]) -> list[Stage]:
-    """The stages with ``prefix-`` in front of their names, so that each variant's logs have their own files."""
-    return [dataclasses.replace(stage, name=f"{prefix}-{stage.name}") for stage in stages]
+    print("\nPer seed, unmerged held-out loss: " + "; ".join(
+        f"{name} " + ", ".join(f"{r['unmerged']:.4f}" for r in runs) for name, runs in results.items() if runs
+    ))  # fmt: skip
+    print(f"\nTuckA export folds: held-out loss of the merged model minus the unmerged adapter's (default: "
+          f"{DEFAULT_ROUTE}); in brackets, the share of calibration routes the fold serves exactly\n")  # fmt: skip
+    print("| model | " + " | ".join(FOLDS) + " |")
+    print("|---|" + "---:|" * len(FOLDS))
+    for name, runs in results.items():
+        if not runs or "folds" not in runs[0]:
+            continue
+        cells = []
+        for fold in FOLDS:
+            gaps = [r["folds"][fold]["loss"] - r["unmerged"] for r in runs if fold in r["folds"]]
+            shares = [r["folds"][fold]["served_share"] for r in runs if fold in r["folds"]]
+            served = "" if not shares or shares[0] is None else f" ({statistics.mean(shares):.2f})"
+            cells.append(f"{spread(gaps)}{served}" if gaps else "refused")
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of 8 sequences per adapter")
+    parser.add_argument("--seeds", type=int, default=2, help="runs per variant (seeds 42, 43, ...)")
+    parser.add_argument("--routers", default="centred,dai", help="TuckA routers compared with LoRA")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps of 8 sequences per run")
     parser.add_argument("--held-out", type=int, default=100, help="GSM8K test problems for the held-out loss")
-    parser.add_argument("--problems", type=int, default=40, help="GSM8K test problems generated and scored")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument(
-        "--tucka-alphas",
-        type=lambda text: [float(a) for a in text.split(",")],
-        default=None,
-        help="comma-separated TuckA alphas, one run each (default: 512 and 512 * sqrt(hidden size / 4096))",
-    )
     parser.add_argument("--work", type=Path, default=Path("runs/quality_small"))
     parser.add_argument("--model-cache", type=Path, default=DEFAULT_CACHE, help="where SmolLM2 is converted to")
+    parser.add_argument("--table-only", action="store_true", help="print the table of the runs that have finished")
     args = parser.parse_args()
     base = smollm2_checkpoint(args.model_cache)
     work = args.work.resolve()
-    size = DemoSize(steps=args.steps, problems=args.problems, max_new_tokens=args.max_new_tokens)
-    runs = variants(base, args.tucka_alphas)
-
-    stages = [evaluate_stage("base-evaluate", base, work / "base" / "eval", size)]
-    for name, (method, flags) in runs.items():
-        stages += prefixed(name, adapter_stages(method, base, work / name, size, flags))
-    directories = [*(work / name / "train" for name in runs), *(work / name / "eval" for name in ["base", *runs])]
-    stages.append(report_stage(directories, work / "report"))
-    try:
-        run_stages(stages, work / "logs")
-    except StageFailed as error:
-        sys.exit(f"error: {error}")
-
-    # Every merged model carries the base's tokenizer (export copies it), so the held-out data is tokenised once.
-    batches = held_out_batches(AutoTokenizer.from_pretrained(base), args.held_out)
-    losses = {
-        name: held_out_loss(base if name == "base" else work / name / "merged", batches) for name in ["base", *runs]
+    size = DemoSize(steps=args.steps, problems=0, max_new_tokens=0)
+    variants = {"lora": ("lora", [])} | {
+        f"tucka-{router}": ("tucka", ["--router", router]) for router in args.routers.split(",")
     }
-    params = {name: trainable_parameters(work / name / "train") for name in runs}
-    print(f"\nSmolLM2-135M-Instruct, {args.steps} steps x 8 sequences of GSM8K train each; held-out loss on the")
-    print(f"first {args.held_out} GSM8K test problems; accuracy on the first {args.problems} (vLLM, greedy)\n")
-    print("| model | trainable params | vs LoRA | train loss step 1 | last 10 | held-out loss | vs LoRA | GSM8K |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for name, loss in losses.items():
-        summary = json.loads((work / name / "eval" / "summary.json").read_text())
-        held_out = f"{loss:.4f} | {loss / losses['lora']:.3f}"
-        accuracy = f"{100 * summary['accuracy']:.1f}% ({summary['correct']}/{summary['n']})"
-        if name == "base":
-            print(f"| base | – | – | – | – | {held_out} | {accuracy} |")
-            continue
-        train_losses = series(read_metrics(work / name / "train" / "metrics.jsonl"), "loss")[1]
-        print(
-            f"| {name} | {params[name]:,} | {params[name] / params['lora']:.3f} | {train_losses[0]:.3f} | "
-            f"{statistics.mean(train_losses[-10:]):.3f} | {held_out} | {accuracy} |"
-        )
-    print(f"\nreport with the loss curves: {work / 'report' / 'report.md'}")
+    seeds = [FIRST_SEED + i for i in range(args.seeds)]
+    batches = held_out_batches(shipped_test_records("gsm8k", args.held_out), AutoTokenizer.from_pretrained(base))
+    base_record = work / "base-measure.json"
+    if not base_record.is_file():
+        work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(base_record, {"loss": held_out(load_model(str(base)), batches)})
+    base_loss = json.loads(base_record.read_text())["loss"]
+
+    if not args.table_only:
+        for seed in seeds:  # seed by seed, so that a stopped bench has every variant at the first seeds
+            for name, (method, flags) in variants.items():
+                run = work / f"{name}-seed{seed}"
+                stages = training_stages(method, base, run, size, [*flags, "--seed", seed])
+                stages = [dataclasses.replace(s, name=f"{name}-seed{seed}-{s.name}") for s in stages]
+                try:
+                    run_stages(stages, work / "logs")
+                except StageFailed as error:
+                    sys.exit(f"error: {error}")
+                if not (run / "measure.json").is_file():
+                    atomic_write_json(run / "measure.json", measure(base, run, batches))
+                    print(f"measured {run.name}", flush=True)
+                print_tables(work, list(variants), seeds, base_loss, args.held_out)
+    print_tables(work, list(variants), seeds, base_loss, args.held_out)
 
 
-if __name__ == "__main__":  # vLLM stages run as subprocesses, but keep the guard for spawn-based children
+if __name__ == "__main__":
     main()

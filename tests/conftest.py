@@ -13,6 +13,7 @@ import tucka_llm
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
+from tucka_llm.tucka.dai import calibration_features, initialise_router
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -87,9 +88,10 @@ def save_adapter(path: Path, base_dir: Path, config: peft.PeftConfig, tokenizer,
                 param.add_(torch.randn_like(param) * param.std())
     if calibrate:
         data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 64), tokenizer, 128).dataset
-        centroid = tucka_llm.data_aware_init(model, calibration_batches(data, 32, 42, tokenizer), seed=42)
+        features = calibration_features(model, calibration_batches(data, 32, 42, tokenizer))
+        initialise_router(model, features, seed=42)
         meta = {"data": "gsm8k-train", "samples": "32", "seed": "42"}
-        save_router_calibration(path / ROUTER_CALIBRATION, centroid, {}, meta)
+        save_router_calibration(path / ROUTER_CALIBRATION, features, {}, meta)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

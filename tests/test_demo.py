@@ -23,22 +23,25 @@ def test_demo_trains_exports_evaluates_and_reports_then_skips_what_is_done(tmp_p
     command += ["--model-cache", str(tmp_path / "smollm2")]
     first = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
-    assert "[2/5] train: " in first.stdout and "deepspeed --num_gpus 2" in first.stdout
-    assert "GSM8K, first 2 test problems: base" in first.stdout
+    assert "[3/7] train: " in first.stdout and "deepspeed --num_gpus 2" in first.stdout
+    assert "GSM8K, first 2 test problems: base" in first.stdout and "held-out loss on their reference" in first.stdout
 
     assert json.loads((tmp_path / "smollm2" / "config.json").read_text())["model_type"] == "llama"
     assert (output / "train" / "adapter_model.safetensors").is_file()
-    assert json.loads((output / "merged" / "tucka_route.json").read_text())["chosen_by"].startswith("the router")
+    route = json.loads((output / "merged" / "tucka_route.json").read_text())
+    assert route["router"] == "centred" and route["chosen_by"].startswith("the mean update")
     for evaluation in ("eval-base", "eval"):
         summary = json.loads((output / evaluation / "summary.json").read_text())
         assert summary["n"] == 2 and summary["backend"] == "vllm"
+        assert json.loads((output / evaluation / "held_out_loss.json").read_text())["problems"] == 2
     report = (output / "report" / "report.md").read_text()
-    assert "TuckA r16 k4" in report and "(n=2)" in report
+    assert "TuckA r16 k4" in report and "(n=2)" in report and "(gsm8k, n=2)" in report
+    assert [p.stat().st_size > 1000 for p in (output / "report").glob("*_expert_load.png")] == [True]
     assert (output / "report" / "loss.png").stat().st_size > 1000
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("done already") == 5
+    assert again.stdout.count("done already") == 7
 
 
 def test_a_failing_stage_stops_the_pipeline_naming_it_and_its_log(tmp_path):

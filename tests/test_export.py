@@ -11,15 +11,16 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import PROMPTS, tiny_llama_config
+from conftest import PROMPTS, TUCKA_CONFIG, save_adapter, tiny_llama_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tucka_llm
-from tucka_llm.calibration import ROUTER_CALIBRATION
+from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
+from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import ExportError, export_merged
 from tucka_llm.tucka.dai import routing_layers
-from tucka_llm.tucka.routing import route_from_features, route_scores
+from tucka_llm.tucka.model import routing_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,26 +55,74 @@ def adapter_model(base_dir: Path, adapter_dir: Path) -> peft.PeftModel:
 
 
 # ------------------------------------------------------------------------------------------------- exactness
-def test_fp32_tucka_export_equals_the_adapter_model_under_the_route_it_records(
+def recorded_selection(record: dict) -> tucka_llm.Route | tucka_llm.RouteMixture:
+    """What tucka_route.json says was folded: one route, or a mixture of routes."""
+    if record["group"] is not None:
+        return tucka_llm.Route(record["group"], record["gates"])
+    return tucka_llm.RouteMixture([(p["weight"], tucka_llm.Route(p["group"], p["gates"])) for p in record["mixture"]])
+
+
+def calibration_routes(model, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each calibration sequence's route (group, gates) in sequence mode: the 32 sequences conftest calibrated on."""
+    data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 64), tokenizer, 128).dataset
+    groups, gates = [], []
+    with tucka_llm.routing(model, "sequence"), torch.no_grad():
+        for batch in calibration_batches(data, 32, 42, tokenizer):
+            model(**batch)
+            route = routing_states(model)["default"].route
+            groups.append(route.group)
+            gates.append(route.gates)
+    return torch.cat(groups), torch.cat(gates)
+
+
+def test_fp32_tucka_export_equals_the_adapter_model_under_the_selection_it_records(
     merged_tucka, adapters, tiny_model, tokenizer
 ):
     record = json.loads((merged_tucka / "tucka_route.json").read_text())
-    route = tucka_llm.Route(record["group"], record["gates"])
     model = adapter_model(tiny_model, adapters["tucka"])
-    with tucka_llm.routing(model, route):
+    with tucka_llm.routing(model, recorded_selection(record)):
         expected = logits(model, tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(merged_tucka)
     assert relative_error(logits(merged, tokenizer), expected) <= 1e-5
+    assert record["router"] == "centred" and record["calibration"]["features"]["source"] == "recorded by training"
 
-    # The default route is the router's choice for the centroid that training recorded.
-    centroid = load_file(adapters["tucka"] / ROUTER_CALIBRATION)["default.centroid"]
-    (layer,) = routing_layers(model).values()
-    centroids = layer.tucka_centroids["default"].detach()
-    active = route_from_features(centroids, centroid.unsqueeze(0), 3, 2)
-    assert record["group"] == int(active.group[0])
-    assert record["gates"] == pytest.approx(active.gates[0].tolist(), abs=1e-7)
-    assert record["centroid"]["source"] == "recorded by training"
-    assert record["chosen_by"] == "the router's choice for the training-data centroid"
+
+def test_default_export_folds_the_mean_update_over_the_calibration_sequences_routes(
+    merged_tucka, adapters, tiny_model, tokenizer
+):
+    """W' - W equals the mean over the calibration sequences of each one's own update, computed independently by
+    running the unmerged adapter on them in sequence mode."""
+    model = adapter_model(tiny_model, adapters["tucka"])
+    groups, gates = calibration_routes(model, tokenizer)
+    assert len(set(groups.tolist())) > 1, "the calibration routes span one group: the test would prove little"
+    record = json.loads((merged_tucka / "tucka_route.json").read_text())
+    shares = torch.bincount(groups, minlength=3).double() / len(groups)
+    assert record["calibration"]["group_share"] == pytest.approx(shares.tolist())
+    assert record["served_share"] is None and "Exact for no single input" in (merged_tucka / "README.md").read_text()
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_tucka).state_dict()
+    name = "model.layers.1.self_attn.v_proj"
+    layer = model.base_model.model.get_submodule(name)
+    weight = layer.get_base_layer().weight.detach().double()
+    updates = []
+    for group, gate in zip(groups.tolist(), gates, strict=True):
+        u, m = (f.double() for f in layer.merge_factors("default", tucka_llm.Route(group, gate.tolist())))
+        updates.append(((weight @ u) @ m.t()) @ u.t())
+    expected = torch.stack(updates).mean(dim=0)
+    actual = merged[f"{name}.weight"].double() - weight
+    assert float((actual - expected).norm() / expected.norm()) <= 1e-5
+
+
+def test_majority_route_is_the_most_taken_group_with_its_mean_gates(adapters, tiny_model, tokenizer, tmp_path):
+    result = export_merged(adapters["tucka"], tmp_path / "merged", route="majority", dtype="float32")
+    groups, gates = calibration_routes(adapter_model(tiny_model, adapters["tucka"]), tokenizer)
+    counts = torch.bincount(groups, minlength=3)
+    group = int(counts.argmax())
+    assert result.route.route.group == group
+    assert list(result.route.route.gates) == pytest.approx(gates[groups == group].mean(0).tolist(), abs=1e-6)
+    share = float(counts[group]) / len(groups)
+    assert result.route.served_share == pytest.approx(share)
+    assert f"Exact for the {100 * share:.1f}% of inputs" in (tmp_path / "merged" / "README.md").read_text()
 
 
 def test_merged_directory_is_a_plain_sharded_checkpoint_with_tokenizer_and_model_card(merged_tucka, adapters):
@@ -122,15 +171,34 @@ def test_bf16_export_is_the_fp32_merge_rounded_once(method, adapters, tokenizer,
 
 
 # ------------------------------------------------------------------------------------------------- routes
-def test_group_route_takes_its_gates_from_the_centroid_scores_within_that_group(adapters, tiny_model, tmp_path):
-    result = export_merged(adapters["tucka"], tmp_path / "merged", route="group:1", dtype="float32")
-    model = adapter_model(tiny_model, adapters["tucka"])
+def test_group_route_takes_the_mean_gates_of_the_calibration_sequences_routed_to_it(
+    adapters, tiny_model, tokenizer, tmp_path
+):
+    groups, gates = calibration_routes(adapter_model(tiny_model, adapters["tucka"]), tokenizer)
+    group = int(groups[0])
+    result = export_merged(adapters["tucka"], tmp_path / "merged", route=f"group:{group}", dtype="float32")
+    assert result.route.route.group == group
+    assert list(result.route.route.gates) == pytest.approx(gates[groups == group].mean(0).tolist(), abs=1e-6)
+    assert json.loads((tmp_path / "merged" / "tucka_route.json").read_text())["group"] == group
+
+
+def test_centroid_route_is_refused_for_the_centred_router_and_folds_the_centroids_route_for_dai(
+    adapters, tiny_model, tokenizer, tmp_path
+):
+    with pytest.raises(ExportError, match="degenerate"):
+        export_merged(adapters["tucka"], tmp_path / "merged", route="centroid")
+    config = tucka_llm.TuckAConfig(**TUCKA_CONFIG, router="dai", task_type="CAUSAL_LM")
+    dai = save_adapter(tmp_path / "dai", tiny_model, config, tokenizer, calibrate=True)
+    result = export_merged(dai, tmp_path / "merged", route="centroid", dtype="float32")
+    model = adapter_model(tiny_model, dai)
+    centroid = load_file(dai / ROUTER_CALIBRATION)["default.centroid"]
     (layer,) = routing_layers(model).values()
-    centroid = load_file(adapters["tucka"] / ROUTER_CALIBRATION)["default.centroid"]
-    scores = route_scores(layer.tucka_centroids["default"].detach(), centroid.unsqueeze(0), 3, 2)[0, 1]
-    assert result.route.route.group == 1
-    assert list(result.route.route.gates) == pytest.approx((scores / scores.sum()).tolist(), abs=1e-7)
-    assert json.loads((tmp_path / "merged" / "tucka_route.json").read_text())["group"] == 1
+    active = layer.tucka_state["default"].router.route_features(
+        centroid.unsqueeze(0), layer.tucka_centroids["default"].detach(), None
+    )
+    assert result.route.route.group == int(active.group[0])
+    assert list(result.route.route.gates) == pytest.approx(active.gates[0].tolist(), abs=1e-7)
+    assert result.route.chosen_by == "the router's choice for the calibration centroid"
 
 
 def test_explicit_route_is_folded_as_given(adapters, tiny_model, tokenizer, tmp_path):
@@ -144,7 +212,7 @@ def test_explicit_route_is_folded_as_given(adapters, tiny_model, tokenizer, tmp_
     assert relative_error(logits(merged, tokenizer), expected) <= 1e-5
 
 
-def test_centroid_is_recomputed_from_calibration_data_when_training_recorded_none(adapters, tmp_path):
+def test_calibration_features_are_recomputed_from_data_when_training_recorded_none(adapters, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     for file in adapters["tucka"].iterdir():
@@ -154,8 +222,9 @@ def test_centroid_is_recomputed_from_calibration_data_when_training_recorded_non
         export_merged(adapter, tmp_path / "merged")
     result = export_merged(adapter, tmp_path / "merged", calibration_data="gsm8k-train", calibration_samples=32)
     record = json.loads((tmp_path / "merged" / "tucka_route.json").read_text())
-    assert record["centroid"] == {"source": "recomputed at export", "data": "gsm8k-train", "samples": 32, "seed": 42}
-    assert 0 <= result.route.route.group < 3 and sum(result.route.route.gates) == pytest.approx(1.0)
+    source = {"source": "recomputed at export", "data": "gsm8k-train", "samples": 32, "seed": 42}
+    assert record["calibration"]["features"] == source and record["calibration"]["sequences"] == 32
+    assert sum(w for w, _ in result.route.route.parts) == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------------- vLLM
@@ -266,7 +335,8 @@ def test_base_of_other_shapes_is_refused_naming_both(adapters, tmp_path):
         ("group:3", r"group 3 is out of range; this adapter has k=3 groups: 0\.\.2"),
         ("group:-1:0.5,0.5", "group -1 is out of range"),
         ("group:0:1.0", "1 gates given, but each group has t=2 experts: give 2"),
-        ("group:0:0.5,nan", "every gate must be a finite number"),
+        ("group:0:0.5,nan", "every gate must be a finite number >= 0"),
+        ("group:0:0.5,-1", "every gate must be a finite number >= 0"),
         ("group:one", "group 'one' is not an integer"),
         ("groups:1", "unknown route"),
     ],

@@ -109,6 +109,14 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     assert torch.allclose(calibration["default.centroid"], centroid["default"], rtol=1e-5, atol=1e-6)
     assert bf16_differs_from(dai)
 
+    # e_bar (the centred router's frozen centre): the fp32 calibration centroid on both ranks and in the saved
+    # adapter, exactly, though the run computes in bf16.
+    e_bar = calibration["default.centroid"]
+    assert rank_digests(log, r"adapter 'default' e_bar digest") == {0: tensor_digest(e_bar), 1: tensor_digest(e_bar)}
+    (saved,) = [v for k, v in load_file(output / "adapter_model.safetensors").items() if "tucka_center" in k]
+    assert saved.dtype == torch.float32 and torch.equal(saved, e_bar) and bf16_differs_from(e_bar)
+    assert calibration["default.features"].shape == (6, 64)
+
     names = {p.name for p in output.iterdir()}
     expected = {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json"}
     expected |= {
@@ -126,6 +134,7 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     assert sum(record[f"expert_load/group{i}"] for i in range(3)) == pytest.approx(1.0)
     config = json.loads((output / "run_config.json").read_text())
     assert (config["world_size"], config["gradient_accumulation_steps"], config["global_batch"]) == (2, 1, 4)
+    assert config["resolved"] == {"alpha": 8.0, "router": "centred", "normalize_gates": True}
     ds = config["deepspeed_config"]
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
@@ -141,10 +150,12 @@ def bf16_differs_from(values: torch.Tensor) -> bool:
     return not torch.equal(values.to(torch.bfloat16).float(), values)
 
 
-def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, tmp_path):
+@pytest.mark.parametrize("router", ["centred", "redraw"])
+def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, tmp_path, router):
+    """Also for the redraw router, whose random draws are keyed by step: the resumed run draws the same routes."""
     # 12 examples, 4 per step: the 8 steps cross two epoch boundaries; accumulation 2 on 2 ranks.
     flags = ["--num-examples", "12", "--max-len", "128", "--global-batch", "4", "--max-steps", "8", "--save-steps", "4"]
-    flags += ["--precision", "fp32", "--lr", "1e-2", "--logging-steps", "1"]
+    flags += ["--precision", "fp32", "--lr", "1e-2", "--logging-steps", "1", "--router", router]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     launch(tiny_model, straight, *flags)
     first = launch(tiny_model, interrupted, *flags, "--stop-at-step", "5")
@@ -162,6 +173,10 @@ def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, t
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7)
     assert [(m["step"], m["loss"]) for m in metrics(interrupted)] == [(m["step"], m["loss"]) for m in metrics(straight)]
+    loads = [[m[f"expert_load/group{i}"] for i in range(3)] for m in metrics(straight)]
+    assert [[m[f"expert_load/group{i}"] for i in range(3)] for m in metrics(interrupted)] == loads
+    assert len({tuple(load) for load in loads}) > 1, "every step took the same group: the routes were not exercised"
+    assert any("tucka_center" in k for k in a) == (router == "centred")
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_arguments(report_parser)
     report_parser.set_defaults(main=report.main)
+    loss_parser = commands.add_parser(
+        "loss",
+        help="held-out loss of a model on the reference solutions of test problems",
+        description="Write OUTPUT/held_out_loss.json: the mean cross-entropy per response token that --model (with "
+        "--adapter) gives the reference solutions of the first --limit shipped test problems, in MetaMathQA form "
+        "and tokenised as training does. `report` shows it beside the accuracy of the same evaluation directory.",
+    )
+    loss_parser.add_argument("--model", required=True, help="model directory (a merged checkpoint, or the base)")
+    loss_parser.add_argument("--adapter", default=None, help="an unmerged adapter on --model")
+    loss_parser.add_argument("--task", choices=["gsm8k", "math"], default="gsm8k", help="shipped test set")
+    loss_parser.add_argument("--limit", type=int, default=40, help="the first N test problems")
+    loss_parser.add_argument("--output", required=True, help="directory for held_out_loss.json (an evaluation's)")
+    loss_parser.set_defaults(main=_held_out_loss)
     return parser
+
+
+def _held_out_loss(args: argparse.Namespace) -> None:
+    from tucka_llm.eval.loss import write_held_out_loss  # torch and transformers: loaded for this command only
+
+    write_held_out_loss(args)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import Stage, StageFailed, eval_stage, export_stage, report_stage, run_stages, train_stage
+from tucka_llm.stages import (
+    HELD_OUT_LOSS,
+    Stage,
+    StageFailed,
+    eval_stage,
+    export_stage,
+    loss_stage,
+    report_stage,
+    run_stages,
+    train_stage,
+)
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,16 @@ def evaluate_stage(name: str, model: Path, output: Path, size: DemoSize) -> Stag
     return eval_stage(name, "gsm8k.py", model, output, *flags)
 
 
-def adapter_stages(
+def evaluate_stages(name: str, model: Path, output: Path, size: DemoSize) -> list[Stage]:
+    """``evaluate_stage`` and the held-out loss of the same model on the same problems' reference solutions."""
+    return [evaluate_stage(name, model, output, size), loss_stage(f"{name}-loss", model, output, size.problems)]
+
+
+def training_stages(
     method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
 ) -> list[Stage]:
-    """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences), merge it in fp32 and
-    evaluate the merged model; ``train_flags`` are passed on to launch/train.py (e.g. ``--alpha``)."""
+    """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences) and merge it in fp32 (TuckA
+    under export's default route); ``train_flags`` are passed on to launch/train.py (e.g. ``--router``)."""
     train = [
         "--model", base, "--data", "gsm8k-train", "--num-examples", size.steps * 8, "--method", method,
         "--precision", "fp32", "--max-steps", size.steps, "--micro-batch", "4", "--global-batch", "8",
@@ -50,14 +65,23 @@ def adapter_stages(
     return [
         train_stage("train", 2, output / "train", *train),
         export_stage("export", output / "train", output / "merged", "--dtype", "float32"),
-        evaluate_stage("evaluate-merged", output / "merged", output / "eval", size),
+    ]
+
+
+def adapter_stages(
+    method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
+) -> list[Stage]:
+    """``training_stages``, then the merged model evaluated on GSM8K like the base."""
+    return [
+        *training_stages(method, base, output, size, train_flags),
+        *evaluate_stages("evaluate-merged", output / "merged", output / "eval", size),
     ]
 
 
 def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[Stage]:
     """The demo's commands: base evaluation, training, export, evaluation of the merged model, report."""
     return [
-        evaluate_stage("evaluate-base", base, output / "eval-base", size),
+        *evaluate_stages("evaluate-base", base, output / "eval-base", size),
         *adapter_stages(method, base, output, size),
         report_stage([output / "train", output / "eval-base", output / "eval"], output / "report"),
     ]
@@ -79,10 +103,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {error}")
     before = json.loads((output / "eval-base" / "summary.json").read_text())
     after = json.loads((output / "eval" / "summary.json").read_text())
+    loss_before, loss_after = (json.loads((output / d / HELD_OUT_LOSS).read_text()) for d in ("eval-base", "eval"))
     print(
         f"\nGSM8K, first {size.problems} test problems: base {100 * before['accuracy']:.1f}% "
         f"({before['extraction_failures']} without an answer) -> {args.method} {100 * after['accuracy']:.1f}% "
-        f"({after['extraction_failures']} without an answer)"
+        f"({after['extraction_failures']} without an answer); held-out loss on their reference solutions "
+        f"{loss_before['loss']:.4f} -> {loss_after['loss']:.4f}"
     )
     print(f"training run:  {output / 'train'}\nmerged model:  {output / 'merged'}")
     print(f"evaluations:   {output / 'eval-base'}, {output / 'eval'}\nreport:        {output / 'report' / 'report.md'}")

@@ -32,13 +32,24 @@ METRICS = "metrics.jsonl"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 SUMMARY = "summary.json"
 EXPORT_RECORD = "tucka_export.json"
+HELD_OUT_LOSS = "held_out_loss.json"  # tucka_llm.eval.loss
 REPORT = "report.md"
 
 MISSING = "–"
 METHOD_NAMES = {"tucka": "TuckA", "lora": "LoRA", "dora": "DoRA"}
 TASKS = ("gsm8k", "math")  # summary.json's "task", in the order of the table's accuracy columns
 DATA_NAMES = {"math500": "MATH-500"}  # data other than the task's own test set, as the accuracy cell names it
-COLUMNS = ("run", "method", "trainable params", "tokens/s", "peak memory (GB)", "GSM8K", "MATH", "wall time")
+COLUMNS = (
+    "run",
+    "method",
+    "trainable params",
+    "tokens/s",
+    "peak memory (GB)",
+    "GSM8K",
+    "MATH",
+    "held-out loss",
+    "wall time",
+)
 EXPERT_LOAD_KEY = re.compile(r"expert_load/group(\d+)")
 DPI = 120
 
@@ -63,6 +74,7 @@ class Evaluation:
 
     path: Path
     summary: dict[str, Any]
+    held_out: dict[str, Any] | None = None  # held_out_loss.json, when ``python -m tucka_llm loss`` wrote one
 
 
 @dataclass
@@ -83,7 +95,8 @@ def load_directory(path: Path) -> Run | Evaluation:
         summary = _read_json(path / SUMMARY)
         if summary.get("task") not in TASKS:
             raise ReportError(f"{path / SUMMARY} has task {summary.get('task')!r}; expected one of {list(TASKS)}")
-        return Evaluation(path, summary)
+        held_out = _read_json(path / HELD_OUT_LOSS) if (path / HELD_OUT_LOSS).is_file() else None
+        return Evaluation(path, summary, held_out)
     what = "is not a directory" if not path.is_dir() else f"has neither {RUN_CONFIG} nor {SUMMARY}"
     raise ReportError(
         f"{path} {what}; expected a training run directory (launch/train.py's output, with {RUN_CONFIG}) or an "
@@ -236,6 +249,16 @@ def accuracy_cell(evaluations: list[Evaluation], task: str) -> str:
     return "; ".join(cells) or MISSING
 
 
+def held_out_cell(evaluations: list[Evaluation]) -> str:
+    """``1.0381 (gsm8k, n=40)`` per evaluation directory that holds a held-out loss."""
+    cells = [
+        f"{e.held_out['loss']:.4f} ({e.held_out.get('task', '?')}, n={e.held_out.get('problems', '?')})"
+        for e in evaluations
+        if e.held_out is not None and _is_number(e.held_out.get("loss"))
+    ]
+    return "; ".join(cells) or MISSING
+
+
 def table_row(row: Row, label: str) -> list[str]:
     """The cells of one row, in ``COLUMNS`` order."""
     run = row.run
@@ -249,6 +272,7 @@ def table_row(row: Row, label: str) -> list[str]:
         MISSING if tokens_per_s is None else f"{tokens_per_s:,.0f}",
         MISSING if memory is None else f"{memory:.2f}",
         *(accuracy_cell(row.evaluations, task) for task in TASKS),
+        held_out_cell(row.evaluations),
         format_duration(wall_seconds(records)) if run else MISSING,
     ]
 

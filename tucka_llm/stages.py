@@ -97,6 +97,16 @@ def eval_stage(name: str, script: str, model: Path, output: Path, *flags: object
     return Stage(name, command, output / "summary.json")
 
 
+HELD_OUT_LOSS = "held_out_loss.json"  # tucka_llm.eval.loss (not imported: it loads torch)
+
+
+def loss_stage(name: str, model: Path, output: Path, problems: int, *flags: object) -> Stage:
+    """``python -m tucka_llm loss``: the held-out loss of a model on the first ``problems`` GSM8K test problems'
+    reference solutions, written beside an evaluation's results (the report shows both)."""
+    command = [sys.executable, "-m", "tucka_llm", "loss", "--model", model, "--limit", problems, *flags]
+    return Stage(name, [*command, "--output", output], output / HELD_OUT_LOSS)
+
+
 def report_stage(directories: Sequence[Path], out: Path) -> Stage:
     """``python -m tucka_llm report`` over runs and evaluations; done when report.md is written."""
     command = [sys.executable, "-m", "tucka_llm", "report", *directories, "--out", out]

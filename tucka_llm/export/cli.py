@@ -7,7 +7,7 @@ import logging
 import sys
 
 from tucka_llm.export.merge import DTYPES, export_merged
-from tucka_llm.export.route import ROUTE_SYNTAX, ExportError
+from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,16 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--route",
         default=None,
-        help=f"TuckA only, the route folded into the weights: {ROUTE_SYNTAX} (default: centroid)",
+        help=f"TuckA only, what is folded into the weights: {ROUTE_SYNTAX} (default: {DEFAULT_ROUTE}; see README)",
     )
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the merged weights")
     parser.add_argument(
         "--calibration-data",
         default=None,
-        help="MetaMathQA-style data to recompute the training-data centroid from, when the adapter directory has "
+        help="MetaMathQA-style data to recompute the calibration routing features from, when the adapter directory has "
         "no tucka_router_calibration.safetensors (a .json/.jsonl file, gsm8k-train, or a hub id)",
     )
-    parser.add_argument("--calibration-samples", type=int, default=256, help="sequences sampled for the centroid")
+    parser.add_argument("--calibration-samples", type=int, default=256, help="sequences sampled for the calibration")
     parser.add_argument("--device", default=None, help="where layers are merged (default: cuda if available, else cpu)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index is written)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")

@@ -28,9 +28,9 @@ import tucka_llm
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
-from tucka_llm.export.route import ChosenRoute, ExportError, RouteSpec, choose_route
-from tucka_llm.tucka.dai import routing_centroids
-from tucka_llm.tucka.routing import routing
+from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
+from tucka_llm.tucka.dai import calibration_features
+from tucka_llm.tucka.model import routing
 
 logger = logging.getLogger("tucka_llm")
 
@@ -67,7 +67,7 @@ def export_merged(
     """Merge the adapter in ``adapter`` into its base and write the checkpoint to ``out`` (atomically).
 
     ``base`` defaults to the base recorded in the adapter; ``route`` (TuckA only) is ``RouteSpec`` syntax, default
-    "centroid"; ``dtype`` one of DTYPES (the merge itself is always fp32); ``device`` where layers are merged
+    DEFAULT_ROUTE; ``dtype`` one of DTYPES (the merge itself is always fp32); ``device`` where layers are merged
     (default: cuda when available). Raises ExportError with the flag to change for every input it cannot use.
     """
     adapter, out = Path(adapter), Path(out)
@@ -79,7 +79,7 @@ def export_merged(
         raise ExportError(f"--adapter {adapter}: its adapter_config.json records no base model; pass --base.")
     check_output(out, force, inputs=[adapter, Path(base)])
     method = adapter_method(config)
-    spec = RouteSpec.parse(route or "centroid")
+    spec = RouteSpec.parse(route or DEFAULT_ROUTE)
     if method != "tucka" and route is not None:
         raise ExportError(f"--route applies to TuckA adapters only; {adapter} holds a {method} adapter.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,9 +89,9 @@ def export_merged(
     chosen = None
     if method == "tucka":
         chosen = choose_route(
-            model, spec, adapter, _centroid_recomputer(model, tokenizer, calibration_data, calibration_samples)
+            model, spec, adapter, _features_recomputer(model, tokenizer, calibration_data, calibration_samples)
         )
-        logger.info("folding route: group %d, gates %s (%s)", chosen.route.group, chosen.route.gates, chosen.chosen_by)
+        logger.info("folding %s", chosen.describe())
     merged = merge_layer_by_layer(model, chosen, DTYPES[dtype], torch.device(device))
 
     record = {
@@ -111,7 +111,7 @@ def export_merged(
         if chosen is not None:
             atomic_write_json(tmp / ROUTE_FILE, chosen.to_json())
         atomic_write_json(tmp / EXPORT_RECORD, record)
-        atomic_write_text(tmp / "README.md", model_card(record, out.name))
+        atomic_write_text(tmp / "README.md", model_card(record, out.name, chosen))
 
     atomic_directory(out, write, replace=force)
     logger.info("merged %s checkpoint (%s) written to %s", method, dtype, out)
@@ -192,10 +192,11 @@ def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
         ) from error
 
 
-def _centroid_recomputer(
+def _features_recomputer(
     model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, source: str | None, samples: int
 ) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]] | None:
-    """The training-data centroid recomputed from ``source`` the way training computes it (``--calibration-data``)."""
+    """The calibration sample's routing features recomputed from ``source`` the way training computes them
+    (``--calibration-data``)."""
     if source is None:
         return None
 
@@ -209,8 +210,13 @@ def _centroid_recomputer(
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batches = calibration_batches(sample, samples, CALIBRATION_SEED, tokenizer)
-        (e,) = routing_centroids(model, batches).values()
-        return e, {"source": "recomputed at export", "data": source, "samples": len(sample), "seed": CALIBRATION_SEED}
+        (features,) = calibration_features(model, batches).values()
+        return features, {
+            "source": "recomputed at export",
+            "data": source,
+            "samples": len(sample),
+            "seed": CALIBRATION_SEED,
+        }
 
     return recompute
 
@@ -235,7 +241,26 @@ def merge_layer_by_layer(
     return plain.to(dtype)
 
 
-def model_card(record: dict[str, Any], name: str) -> str:
+def served_inputs(chosen: ChosenRoute) -> str:
+    """What share of inputs the folded selection serves as the adapter would (the model card's warning)."""
+    calibration = chosen.calibration
+    if calibration is None:
+        return "Share of inputs this route serves exactly: unknown (no calibration routes were available)."
+    shares = ", ".join(f"group {i} {100 * s:.1f}%" for i, s in enumerate(calibration.share))
+    loads = f"the trained router sends the {calibration.sequences} calibration routes to {shares}"
+    if chosen.served_share is None:
+        return (
+            f"Exact for no single input: every input gets the mean update, while the unmerged adapter gives each "
+            f"its own group ({loads}). For every input on its own route, serve the adapter unmerged."
+        )
+    return (
+        f"Exact for the {100 * chosen.served_share:.1f}% of inputs that the router sends to this group ({loads}); "
+        "the others get this group's update instead of their own. For every input on its own route, serve the "
+        "adapter unmerged."
+    )
+
+
+def model_card(record: dict[str, Any], name: str, chosen: ChosenRoute | None = None) -> str:
     """README.md of the merged checkpoint: what it was made from and how to load it."""
     config = record["adapter_config"]
     if record["method"] == "tucka":
@@ -254,12 +279,9 @@ def model_card(record: dict[str, Any], name: str) -> str:
         f"- Adapter: {record['adapter']} ({record['method']}, {shape}; target modules: {targets})",
         f"- Dtype: {record['dtype']} (merged in float32, cast once)",
     ]
-    if record["route"] is not None:
-        route = record["route"]
-        gates = ", ".join(f"{g:.6g}" for g in route["gates"])
-        lines.append(
-            f"- TuckA route folded in: group {route['group']}, gates [{gates}]; {route['chosen_by']} ({ROUTE_FILE})"
-        )
+    if chosen is not None:
+        lines.append(f"- TuckA route folded in: {chosen.describe()} ({ROUTE_FILE})")
+        lines.append(f"- {served_inputs(chosen)}")
     lines += [
         "",
         "Load it with `transformers.AutoModelForCausalLM.from_pretrained(path)` or serve it with `vllm.LLM(path)`.",

@@ -1,29 +1,40 @@
 """Which route a TuckA adapter is folded with (method note, section 4) and how it was chosen.
 
-A merged checkpoint is the adapter under one fixed route (group i, gates g). ``--route`` picks it:
+A merged checkpoint is the adapter under one fixed selection of experts. A router that balances its groups sends
+each group ~1/k of the inputs, so one route serves only those; ``--route`` says what to fold. Every rule but
+``explicit`` reads the routes that the calibration sequences take under the TRAINED router (their routing features
+are recorded by training in ``tucka_router_calibration.safetensors``, or recomputed from ``--calibration-data``):
 
-- ``centroid`` (default): the route the router gives the training-data centroid ``e`` (recorded by training in
-  ``tucka_router_calibration.safetensors``, or recomputed from ``--calibration-data``);
-- ``group:I``: group I (0-based), gates from the centroid's scores within group I;
+- ``expected`` (default): the mean update over the calibration routes, sum_i share_i * update(group i, its mean
+  gates). Exact in expectation over inputs like the calibration sample; exact for no single input. The natural fold
+  for the redraw router, whose routes are random draws (then also averaged over 16 draws).
+- ``majority``: the group most calibration sequences take, with their mean gates; exact for that share of inputs.
+- ``centroid``: the router's choice for the calibration centroid e (the paper's router, ``dai``, sends most inputs
+  there). Refused for the centred router, where e's route is degenerate (every score exactly 0.5).
+- ``group:I``: group I (0-based) with the mean gates of the calibration sequences routed to it.
 - ``group:I:g1,g2,...``: group I with the given gates, as given.
+
+``docs/benchmarks.md`` (routing and export) measures the held-out loss of each fold against the unmerged adapter.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from tucka_llm.calibration import ROUTER_CALIBRATION, load_router_centroid
+from tucka_llm.calibration import ROUTER_CALIBRATION, load_router_calibration
 from tucka_llm.tucka.dai import routing_layers
-from tucka_llm.tucka.routing import Route, route_from_features, route_scores
+from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture, Router
 
-ROUTE_SYNTAX = "centroid, group:I or group:I:g1,g2,... (I counts groups from 0)"
+ROUTE_SYNTAX = "expected, majority, centroid, group:I or group:I:g1,g2,... (I counts groups from 0)"
+DEFAULT_ROUTE = "expected"
+REDRAW_DRAWS = 16  # draws of the redraw router averaged over (its route is random)
 
 
 class ExportError(ValueError):
@@ -32,7 +43,7 @@ class ExportError(ValueError):
 
 @dataclass(frozen=True)
 class RouteSpec:
-    """A parsed ``--route``: ``kind`` is "centroid", "group" (gates from the centroid) or "explicit"."""
+    """A parsed ``--route``: ``kind`` is "expected", "majority", "centroid", "group" or "explicit"."""
 
     kind: str
     group: int | None = None
@@ -41,8 +52,8 @@ class RouteSpec:
     @classmethod
     def parse(cls, text: str) -> RouteSpec:
         parts = text.strip().split(":")
-        if parts == ["centroid"]:
-            return cls("centroid")
+        if len(parts) == 1 and parts[0] in ("expected", "majority", "centroid"):
+            return cls(parts[0])
         if parts[0] != "group" or len(parts) not in (2, 3):
             raise ExportError(f"--route {text!r}: unknown route; give {ROUTE_SYNTAX}.")
         try:
@@ -57,99 +68,176 @@ class RouteSpec:
             gates = tuple(float(g) for g in parts[2].split(","))
         except ValueError:
             raise ExportError(f"--route {text!r}: the gates must be numbers separated by commas.") from None
-        if not all(math.isfinite(g) for g in gates):
-            raise ExportError(f"--route {text!r}: every gate must be a finite number.")
+        if not all(math.isfinite(g) and g >= 0 for g in gates):
+            raise ExportError(f"--route {text!r}: every gate must be a finite number >= 0.")
         return cls("explicit", group, gates)
 
 
 @dataclass
-class ChosenRoute:
-    """The route folded into a checkpoint and how it was chosen: what ``tucka_route.json`` records."""
+class CalibrationRoutes:
+    """Where the calibration sequences go under the trained router: the share of each group and the mean gates
+    of the sequences routed to it (each group's mean over all sequences' normalised scores where none went)."""
 
-    route: Route
+    share: list[float]
+    mean_gates: list[list[float]]
+    sequences: int
+    source: dict[str, Any]
+
+    @classmethod
+    def of(cls, router: Router, routes: ActiveRoute, scores: torch.Tensor, source: dict[str, Any]) -> CalibrationRoutes:
+        k, n = router.k, int(routes.group.numel())
+        counts = torch.bincount(routes.group, minlength=k).double()
+        sums = torch.zeros(k, router.t, dtype=torch.float64).index_add_(0, routes.group, routes.gates.double())
+        fallback = (scores / scores.sum(dim=-1, keepdim=True)).double().mean(dim=0)  # (k, t)
+        means = torch.where(counts.view(-1, 1) > 0, sums / counts.clamp_min(1).view(-1, 1), fallback)
+        return cls((counts / n).tolist(), means.tolist(), n, source)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sequences": self.sequences, "group_share": self.share, "mean_gates": self.mean_gates} | {
+            "features": self.source
+        }
+
+
+@dataclass
+class ChosenRoute:
+    """The selection folded into a checkpoint, how it was chosen, and the share of calibration inputs it serves
+    exactly (None for a mixture, which is exact for none): what ``tucka_route.json`` records."""
+
+    route: Route | RouteMixture
     adapter: str
     k: int
     t: int
+    router: str
     chosen_by: str
-    centroid: dict[str, Any] | None = None  # where the centroid came from, when one was used
-    scores: list[list[float]] | None = field(default=None)  # the centroid's expert scores, k x t
+    served_share: float | None = None
+    calibration: CalibrationRoutes | None = None
+
+    def describe(self) -> str:
+        """One line for logs and the model card."""
+        if isinstance(self.route, RouteMixture):
+            parts = "; ".join(
+                f"{w:.3f} x group {r.group} [{', '.join(f'{g:.4g}' for g in r.gates)}]" for w, r in self.route.parts
+            )
+            return f"mixture of routes ({parts}), {self.chosen_by}"
+        gates = ", ".join(f"{g:.6g}" for g in self.route.gates)
+        return f"group {self.route.group}, gates [{gates}], {self.chosen_by}"
 
     def to_json(self) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "group": self.route.group,
-            "gates": list(self.route.gates),
-            "adapter": self.adapter,
-            "k": self.k,
-            "t": self.t,
-            "chosen_by": self.chosen_by,
-        }
-        if self.centroid is not None:
-            record["centroid"] = self.centroid
-        if self.scores is not None:
-            record["centroid_scores"] = self.scores
+        record: dict[str, Any] = {"adapter": self.adapter, "k": self.k, "t": self.t, "router": self.router}
+        if isinstance(self.route, RouteMixture):
+            record |= {"group": None, "gates": None}
+            record["mixture"] = [{"weight": w, "group": r.group, "gates": list(r.gates)} for w, r in self.route.parts]
+        else:
+            record |= {"group": self.route.group, "gates": list(self.route.gates)}
+        record |= {"chosen_by": self.chosen_by, "served_share": self.served_share}
+        if self.calibration is not None:
+            record["calibration"] = self.calibration.to_json()
         return record
 
 
-CentroidFromData = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
+FeaturesFromData = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
 
 
-def recorded_centroid(adapter_dir: Path, adapter_name: str) -> tuple[torch.Tensor, dict[str, Any]] | None:
-    """The training-data centroid that training recorded beside the adapter (or beside a checkpoint's run)."""
+def recorded_features(adapter_dir: Path, adapter_name: str) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The calibration sample's routing features that training recorded beside the adapter (or its run), (n, d);
+    a record from before features were kept yields its centroid alone, (1, d)."""
     candidates = [adapter_dir / ROUTER_CALIBRATION]
     if adapter_dir.parent.name == "checkpoints":  # OUT/checkpoints/checkpoint-N: the run directory holds the file
         candidates.append(adapter_dir.parent.parent / ROUTER_CALIBRATION)
     for path in candidates:
         if path.is_file():
             try:
-                e, meta = load_router_centroid(path, adapter_name)
+                record = load_router_calibration(path, adapter_name)
             except ValueError as error:
-                raise ExportError(f"{error} Delete it and pass --calibration-data to recompute the centroid.") from None
-            return e, {"source": "recorded by training", "file": str(path.resolve()), **meta}
+                raise ExportError(f"{error} Delete it and pass --calibration-data to recompute it.") from None
+            features = record.features if record.features is not None else record.centroid.unsqueeze(0)
+            return features, {"source": "recorded by training", "file": str(path.resolve()), **record.meta}
     return None
 
 
-def choose_route(
-    model: nn.Module, spec: RouteSpec, adapter_dir: Path, centroid_from_data: CentroidFromData | None
-) -> ChosenRoute:
-    """The route to fold for the (single) TuckA adapter of ``model``, checked against its k and t.
+def calibration_routes(
+    router: Router, centroids: torch.Tensor | None, center: torch.Tensor | None, features: torch.Tensor, source: dict
+) -> CalibrationRoutes:
+    """The routes of ``features`` under the router, per sequence (the redraw router: over REDRAW_DRAWS draws)."""
+    draws = [(0, i) for i in range(REDRAW_DRAWS)] if router.kind == "redraw" else [(0, 0)]
+    groups, gates, scores = [], [], []
+    for draw in draws:
+        score = router.scores(router.logits(features, centroids, center, draw))
+        route = router.route(score)
+        groups.append(route.group)
+        gates.append(route.gates)
+        scores.append(score)
+    routes = ActiveRoute(torch.cat(groups), torch.cat(gates))
+    return CalibrationRoutes.of(router, routes, torch.cat(scores), source)
 
-    The centroid comes from the training record, else from ``centroid_from_data`` (``--calibration-data``).
+
+def choose_route(
+    model: nn.Module, spec: RouteSpec, adapter_dir: Path, features_from_data: FeaturesFromData | None
+) -> ChosenRoute:
+    """The selection to fold for the (single) TuckA adapter of ``model``, checked against its k and t.
+
+    The calibration features come from the training record, else from ``features_from_data``
+    (``--calibration-data``); an explicit route needs none.
     """
     layers = routing_layers(model)
     if len(layers) != 1:
         raise ExportError(f"The model holds {len(layers)} TuckA adapters ({', '.join(layers)}); export folds one.")
     ((name, layer),) = layers.items()
-    state = layer.tucka_state[name]
-    k, t = state.k, state.t
+    router = layer.tucka_state[name].router
+    k, t = router.k, router.t
     if spec.group is not None and not 0 <= spec.group < k:
         raise ExportError(f"--route: group {spec.group} is out of range; this adapter has k={k} groups: 0..{k - 1}.")
-    if spec.kind == "explicit":
-        if len(spec.gates) != t:
-            raise ExportError(f"--route: {len(spec.gates)} gates given, but each group has t={t} experts: give {t}.")
-        return ChosenRoute(Route(spec.group, spec.gates), name, k, t, chosen_by="explicit gates (--route)")
-
-    found = recorded_centroid(adapter_dir, name)
-    if found is None:
-        if centroid_from_data is None:
-            raise ExportError(
-                f"--route {spec.kind}: needs the training-data centroid, but {adapter_dir} has no {ROUTER_CALIBRATION} "
-                "(launch/train.py writes it). Pass --calibration-data (a MetaMathQA .json/.jsonl or gsm8k-train) "
-                "to recompute it, or choose the route yourself: --route group:I:g1,g2,..."
-            )
-        found = centroid_from_data()
-    e, source = found
-    centroids = layer.tucka_centroids[name].detach().float().cpu()
-    if e.shape != (centroids.shape[1],):
+    if spec.kind == "explicit" and len(spec.gates) != t:
+        raise ExportError(f"--route: {len(spec.gates)} gates given, but each group has t={t} experts: give {t}.")
+    if spec.kind == "centroid" and router.kind == "centred":
         raise ExportError(
-            f"The centroid in {source.get('file', 'the calibration data')} has shape {tuple(e.shape)}, but the "
-            f"adapter's router expects ({centroids.shape[1]},): it belongs to another model. Pass --calibration-data."
+            "--route centroid: under the centred router the calibration centroid's route is degenerate (h - e_bar "
+            "= 0 scores every expert 0.5); use --route expected (default) or majority."
         )
-    scores = route_scores(centroids, e.unsqueeze(0), k, t)[0]
-    if spec.kind == "centroid":
-        active = route_from_features(centroids, e.unsqueeze(0), k, t)
-        route = Route(int(active.group[0]), active.gates[0].tolist())
-        chosen_by = "the router's choice for the training-data centroid"
-    else:
-        route = Route(spec.group, (scores[spec.group] / scores[spec.group].sum()).tolist())
-        chosen_by = f"group {spec.group} (--route), gates from the training-data centroid's scores"
-    return ChosenRoute(route, name, k, t, chosen_by, centroid=source, scores=scores.tolist())
+
+    found = recorded_features(adapter_dir, name)
+    needs_sequences = spec.kind in ("expected", "majority", "group")
+    if features_from_data is not None and (found is None or (needs_sequences and found[0].shape[0] == 1)):
+        found = features_from_data()
+    calibration, centroid = None, None
+    if found is not None:
+        features, source = found
+        if features.shape[-1] != layer.in_features:
+            raise ExportError(
+                f"The calibration features in {source.get('file', 'the calibration data')} have size "
+                f"{features.shape[-1]}, but the adapter's router expects {layer.in_features}: they belong to another "
+                "model. Pass --calibration-data."
+            )
+        centroids, center = (None if t is None else t.detach().float().cpu() for t in layer.router_tensors(name))
+        if features.shape[0] > 1:  # a record from before features were kept holds the centroid alone
+            calibration = calibration_routes(router, centroids, center, features.float(), source)
+        if spec.kind == "centroid":
+            active = router.route_features(features.float().mean(dim=0, keepdim=True), centroids, center)
+            centroid = Route(int(active.group[0]), active.gates[0].tolist())
+
+    def chosen(route: Route | RouteMixture, how: str, share: float | None) -> ChosenRoute:
+        return ChosenRoute(route, name, k, t, router.kind, how, share, calibration)
+
+    def share_of(group: int) -> float | None:
+        return calibration.share[group] if calibration is not None else None
+
+    if spec.kind == "explicit":
+        return chosen(Route(spec.group, spec.gates), "explicit gates (--route)", share_of(spec.group))
+    if spec.kind == "centroid" and centroid is not None:
+        return chosen(centroid, "the router's choice for the calibration centroid", share_of(centroid.group))
+    if calibration is None:
+        what = "centroid" if spec.kind == "centroid" else "routing features of calibration sequences"
+        raise ExportError(
+            f"--route {spec.kind}: needs the {what}, but {adapter_dir} has no {ROUTER_CALIBRATION} with them "
+            "(launch/train.py writes it). Pass --calibration-data (a MetaMathQA .json/.jsonl or gsm8k-train) to "
+            "recompute them, or choose the route yourself: --route group:I:g1,g2,..."
+        )
+    share, gates = calibration.share, calibration.mean_gates
+    if spec.kind == "group":
+        how = f"group {spec.group} (--route), mean gates of the calibration sequences routed to it"
+        return chosen(Route(spec.group, gates[spec.group]), how, share[spec.group])
+    if spec.kind == "majority":
+        group = max(range(k), key=lambda i: share[i])
+        return chosen(Route(group, gates[group]), "the group most calibration sequences take, mean gates", share[group])
+    mixture = RouteMixture([(share[i], Route(i, gates[i])) for i in range(k) if share[i] > 0])
+    return chosen(mixture, "the mean update over the calibration sequences' routes (exact in expectation)", None)

@@ -53,6 +53,9 @@ def adapter_config(options: TrainOptions) -> peft.PeftConfig:
             t=options.t,
             p=options.p,
             alpha=options.alpha,
+            router=options.router,
+            normalize_gates=options.normalize_gates,
+            seed=options.seed,
             perturb_scale=options.perturb_scale,
             target_modules=options.target_module_list,
             task_type="CAUSAL_LM",
@@ -74,5 +77,12 @@ def add_adapter(model: PreTrainedModel, options: TrainOptions) -> peft.PeftModel
 
 
 def router_centroids(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The centroid parameter E of every TuckA adapter, by adapter name."""
-    return {name: layer.tucka_centroids[name] for name, layer in routing_layers(model).items()}
+    """The centroid parameter E of every TuckA adapter that has one (not the redraw router), by adapter name."""
+    layers = routing_layers(model).items()
+    return {name: layer.tucka_centroids[name] for name, layer in layers if name in layer.tucka_centroids}
+
+
+def router_centers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The calibration centroid e_bar of every TuckA adapter with the centred router, by adapter name."""
+    layers = routing_layers(model).items()
+    return {name: layer.tucka_center[name] for name, layer in layers if name in layer.tucka_center}

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
+from tucka_llm.tucka.routing import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
@@ -29,7 +31,9 @@ class TrainOptions:
     k: int = 4
     t: int = 2
     p: int = 2
-    alpha: float = 512.0
+    alpha: float | str = "auto"  # 512 * sqrt(hidden / 4096): 512 on Llama-2-7B
+    router: str = "centred"
+    normalize_gates: bool = True
     perturb_scale: float = 20.0
     dai_samples: int = 256
     lora_r: int = 32
@@ -76,6 +80,18 @@ def _positive(kind: type) -> Any:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    value = _positive(float)(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number > 0, got {text}")
+    return value
+
+
+_alpha.__name__ = "alpha"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,7 +164,26 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--k", type=_positive(int), default=d.k, help="TuckA: expert groups")
     method.add_argument("--t", type=_positive(int), default=d.t, help="TuckA: experts per group")
     method.add_argument("--p", type=_positive(int), default=d.p, help="TuckA: expert-factor rank")
-    method.add_argument("--alpha", type=_positive(float), default=d.alpha, help="TuckA: scale of the update")
+    method.add_argument(
+        "--alpha",
+        type=_alpha,
+        default=d.alpha,
+        help="TuckA: scale of the update; auto = 512 * sqrt(hidden size / 4096) (512 on Llama-2-7B, 192 on "
+        "SmolLM2-135M: the paper's 512 damages a narrower model at step 0); the value used is recorded",
+    )
+    method.add_argument(
+        "--router",
+        choices=ROUTERS,
+        default=d.router,
+        help="TuckA: centred (logits E (h - e_bar): balanced groups), dai (the paper's design, logits E h: collapses "
+        "onto one group on real data), redraw (the authors' published code: E redrawn at every forward, untrained)",
+    )
+    method.add_argument(
+        "--no-normalize-gates",
+        dest="normalize_gates",
+        action="store_false",
+        help="TuckA: gates not divided by their sum (the authors' code; paper Eq. 8 divides)",
+    )
     method.add_argument(
         "--perturb-scale", type=float, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
     )

@@ -34,9 +34,10 @@ from tucka_llm.atomic import atomic_write_json, atomic_write_text
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.training import checkpoints
-from tucka_llm.training.adapters import add_adapter, load_base_model, router_centroids
+from tucka_llm.training.adapters import add_adapter, load_base_model, router_centers, router_centroids
 from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
 from tucka_llm.training.trainer import (
+    KeyRedrawsByStep,
     LogFinalStep,
     RecordDeepSpeedConfig,
     RunTrainer,
@@ -44,7 +45,7 @@ from tucka_llm.training.trainer import (
     StopAtStep,
     tensor_digest,
 )
-from tucka_llm.tucka.dai import data_aware_init
+from tucka_llm.tucka.dai import calibration_features, initialise_router
 
 logger = logging.getLogger("tucka_llm")
 
@@ -270,15 +271,23 @@ def train(options: TrainOptions) -> Path | None:
         model.print_trainable_parameters()
     callbacks: list[TrainerCallback] = [LogFinalStep()]
     if options.method == "tucka":
+        # DAI runs on every rank, also on --resume: it sets e_bar (a buffer that checkpoints of the engine do not
+        # hold) from the same sample and seed, and the checkpoint then restores the trained E over the DAI values.
+        batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, tokenizer)
+        features = calibration_features(model, batches)
+        initialise_router(model, features, seed=options.seed)
         centroids = router_centroids(model)
+        dai = {name: param.detach().float().cpu().clone() for name, param in centroids.items()}
+        if rank == 0 and resume_from is None:
+            meta = {"samples": str(min(options.dai_samples, len(tokenized.dataset))), "seed": str(options.seed)}
+            save_router_calibration(output / ROUTER_CALIBRATION, features, dai, meta | {"data": options.data})
         if resume_from is None:
-            batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, tokenizer)
-            e = data_aware_init(model, batches, seed=options.seed)
-            dai = {name: param.detach().float().cpu().clone() for name, param in centroids.items()}
-            if rank == 0:
-                meta = {"samples": str(min(options.dai_samples, len(tokenized.dataset))), "seed": str(options.seed)}
-                save_router_calibration(output / ROUTER_CALIBRATION, e, dai, meta | {"data": options.data})
             callbacks.append(StartFromDAI(dai, centroids, rank))
+        callbacks.append(KeyRedrawsByStep())
+        for name, center in router_centers(model).items():
+            logger.info(
+                "rank %d: adapter %r e_bar digest %s", rank, name, tensor_digest(center), extra={"all_ranks": True}
+            )
     if _zero_stage(ds_config) == 3:
         keep_adapter_whole(ds_config, model)
     if ds_config is not None:
@@ -296,6 +305,7 @@ def train(options: TrainOptions) -> Path | None:
                 "gradient_accumulation_steps": grad_accum,
                 "global_batch": options.micro_batch * world_size * grad_accum,
                 "deepspeed_config": ds_config,
+                "resolved": _resolved_settings(model),
                 "data": {
                     "examples": len(tokenized.dataset),
                     "records": tokenized.total,
@@ -331,6 +341,14 @@ def train(options: TrainOptions) -> Path | None:
     return output
 
 
+def _resolved_settings(model: torch.nn.Module) -> dict[str, Any]:
+    """Settings the flags leave to the code (``--alpha auto``), as the adapter was built with them."""
+    config = model.peft_config["default"]
+    if not isinstance(config, tucka_llm.TuckAConfig):
+        return {}
+    return {"alpha": config.alpha, "router": config.router, "normalize_gates": config.normalize_gates}
+
+
 def _prepare_resume(output: Path, resume_from: Path | None) -> None:
     """Rank 0: drop checkpoints a killed run left half-written, and metrics logged after the resumed step."""
     for path in checkpoints.remove_incomplete(output / "checkpoints"):
@@ -352,13 +370,14 @@ def _step_of(line: str) -> float:
 def _check_ranks_agree(trainer: RunTrainer, ds_config: dict | None, rank: int) -> None:
     """Data parallelism keeps one adapter on every rank; check that it did (one digest per rank in the log)."""
     params = [p for _, p in sorted(trainer.model.named_parameters()) if p.requires_grad]
+    centers = list(router_centers(trainer.model).values())  # e_bar: a buffer, never trained, the same everywhere
     if _zero_stage(ds_config) == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params):
-            digest = tensor_digest(*params)
+            digest = tensor_digest(*params, *centers)
     else:
-        digest = tensor_digest(*params)
+        digest = tensor_digest(*params, *centers)
     logger.info("rank %d: trained adapter digest %s", rank, digest, extra={"all_ranks": True})
     if dist.is_available() and dist.is_initialized():
         digests: list[str | None] = [None] * dist.get_world_size()

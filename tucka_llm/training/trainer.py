@@ -17,7 +17,8 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from tucka_llm.atomic import atomic_write_json
 from tucka_llm.training import checkpoints
-from tucka_llm.tucka.routing import ExpertLoad, routing_states
+from tucka_llm.tucka.model import routing_states
+from tucka_llm.tucka.routing import ExpertLoad
 
 logger = logging.getLogger("tucka_llm")
 
@@ -106,6 +107,16 @@ class StopAtStep(TrainerCallback):
         if state.global_step >= self.step:
             control.should_save = True
             control.should_training_stop = True
+
+
+class KeyRedrawsByStep(TrainerCallback):
+    """Key the redraw router's random draws by (seed, optimizer step, forward within the step), so that a resumed
+    run draws exactly what the uninterrupted run drew at the same step (the other routers draw nothing)."""
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        model = kw.get("model")
+        for _, routing_state in _tucka_states(model) if model is not None else []:
+            routing_state.start_step(state.global_step)
 
 
 class LogFinalStep(TrainerCallback):

@@ -1,0 +1,155 @@
+"""Routing balance: the expert-group load that each router gives real held-out sequences, at initialisation over
+seeds and after training, on SmolLM2-135M-Instruct.
+
+    python bench/routing_balance.py                                   # 3 routers x 8 seeds at init; trained runs
+    python bench/routing_balance.py --seeds 5 --trained 'runs/quality_small/tucka-*/train'
+
+Calibration (DAI) is the launcher's: ``--dai-samples`` 256 random GSM8K training sequences (seed = the run's seed)
+in MetaMathQA form, max length 384 (the demo's). Routing features depend on the base model alone (the routing layer
+is layer 0's q_proj), so they are computed once per pool and every router and seed routes the same features, exactly
+as the adapter does (``Router.route_features`` on the routing layer's state, after ``data_aware_init``). Held-out
+pools, disjoint from every calibration sample: GSM8K test (the first 256 problems), and a GSM8K + MATH mix (128
+GSM8K test problems after those, 128 MATH test problems, in MetaMathQA form), shaped like MetaMathQA's mix.
+
+Per router, seed and pool: the load per sequence (sequence routing, as evaluation routes) and per micro-batch of 8
+(batch routing, as training routes: the mean feature of 8 consecutive sequences), as group shares and entropy
+(nats; ln k = uniform). After training: the trained adapters given by ``--trained`` (run directories or globs),
+routed the same way with their trained centroids. The issue's target for the default router: mean entropy >=
+0.9 ln k at both points, no seed below 0.75 ln k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import statistics
+from pathlib import Path
+
+import datasets
+import peft
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+import tucka_llm
+from tucka_llm.calibration import calibration_batches
+from tucka_llm.data import asset_path, gsm8k_to_metamathqa, load_metamathqa, tokenize_metamathqa
+from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
+from tucka_llm.tucka.dai import calibration_features, routing_layers
+from tucka_llm.tucka.routing import ROUTERS, ActiveRoute, ExpertLoad
+
+MAX_LEN = 384
+MICRO_BATCH = 8
+FIRST_SEED = 42
+
+
+def math_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
+    """A MATH test record in MetaMathQA form (its solution as the response)."""
+    return {"query": record["problem"], "response": record["solution"], "type": "MATH"}
+
+
+def jsonl(name: str, file: str, start: int, count: int) -> list[dict]:
+    with asset_path(name, file).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f][start : start + count]
+
+
+def held_out_pools() -> dict[str, list[dict[str, str]]]:
+    gsm8k = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 0, 256)]
+    mixed = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 256, 128)]
+    mixed += [math_to_metamathqa(r) for r in jsonl("math", "test.jsonl", 0, 128)]
+    mixed = [mixed[i] for i in torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0)).tolist()]
+    return {"GSM8K": gsm8k, "GSM8K+MATH": mixed}
+
+
+def features_of(model: torch.nn.Module, records: list[dict], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    data = tokenize_metamathqa(datasets.Dataset.from_list(records), tokenizer, MAX_LEN).dataset
+    batches = calibration_batches(data, len(data), 0, tokenizer)  # every record, in a fixed order
+    (features,) = calibration_features(model, batches).values()
+    return features
+
+
+def loads(model: torch.nn.Module, features: torch.Tensor) -> tuple[ExpertLoad, ExpertLoad]:
+    """The adapter's routes for ``features``: one per sequence, and one per micro-batch of 8 (their mean feature)."""
+    (layer,) = routing_layers(model).values()
+    router = layer.tucka_state["default"].router
+    centroids, center = (None if t is None else t.detach() for t in layer.router_tensors("default"))
+    batched = features[: len(features) // MICRO_BATCH * MICRO_BATCH].view(-1, MICRO_BATCH, features.shape[-1])
+    result = []
+    for rows in (features.unsqueeze(1), batched):
+        # one forward per route: the redraw router draws anew for each (draw keys (0, i)), the others ignore it
+        routes = [router.route_features(f.mean(0, keepdim=True), centroids, center, (0, i)) for i, f in enumerate(rows)]
+        route = ActiveRoute(torch.cat([r.group for r in routes]), torch.cat([r.gates for r in routes]))
+        counts = torch.bincount(route.group, minlength=router.k).float()
+        gates = torch.zeros(router.k, router.t).index_add_(0, route.group, route.gates.float())
+        result.append(ExpertLoad.from_sums(counts, gates))
+    return result[0], result[1]
+
+
+def summary(entropies: list[float], k: int) -> str:
+    """mean [min] of the entropies, as a fraction of ln k."""
+    return f"{statistics.mean(entropies) / math.log(k):.2f} [{min(entropies) / math.log(k):.2f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=8, help="DAI seeds per router at initialisation (42, 43, ...)")
+    parser.add_argument("--dai-samples", type=int, default=256)
+    parser.add_argument("--trained", nargs="*", default=["runs/quality_small/tucka-*/train"], help="trained runs")
+    parser.add_argument("--out", type=Path, default=Path("runs/routing_balance.json"), help="all loads, as JSON")
+    parser.add_argument("--model-cache", type=Path, default=DEFAULT_CACHE)
+    args = parser.parse_args()
+    base_dir = smollm2_checkpoint(args.model_cache)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    train = tokenize_metamathqa(load_metamathqa("gsm8k-train"), tokenizer, MAX_LEN).dataset
+
+    records: list[dict] = []
+    features: dict[str, torch.Tensor] = {}
+    for router in ROUTERS:
+        config = tucka_llm.TuckAConfig(target_modules=["q_proj", "v_proj"], router=router, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(base, config)
+        if not features:
+            features = {pool: features_of(model, rows, tokenizer) for pool, rows in held_out_pools().items()}
+        for seed in range(FIRST_SEED, FIRST_SEED + args.seeds):
+            tucka_llm.data_aware_init(model, calibration_batches(train, args.dai_samples, seed, tokenizer), seed)
+            for pool, h in features.items():
+                per_sequence, per_batch = loads(model, h)
+                records.append({"router": router, "point": "init", "seed": seed, "pool": pool,
+                                "sequence": per_sequence.__dict__, "batch": per_batch.__dict__})  # fmt: skip
+        base = model.unload()  # the same base for the next router
+
+    runs = sorted({Path(p) for pattern in args.trained for p in glob.glob(pattern)})
+    for run in runs:
+        options = json.loads((run / "run_config.json").read_text())["options"]
+        model = peft.PeftModel.from_pretrained(base, run).eval()
+        for pool, h in features.items():
+            per_sequence, per_batch = loads(model, h)
+            records.append({"router": options["router"], "point": f"trained {options['max_steps']} steps",
+                            "seed": options["seed"], "pool": pool, "run": str(run),
+                            "sequence": per_sequence.__dict__, "batch": per_batch.__dict__})  # fmt: skip
+        base = model.unload()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(records, indent=1))
+
+    k = tucka_llm.TuckAConfig().k
+    print(f"\nRouting entropy / ln {k}: mean [worst seed]; per sequence and per micro-batch of {MICRO_BATCH}\n")
+    print("| router | point | seeds | GSM8K seq | GSM8K batch | GSM8K+MATH seq | GSM8K+MATH batch | largest share |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    keys = sorted({(r["router"], r["point"]) for r in records}, key=lambda x: (ROUTERS.index(x[0]), x[1]))
+    for router, point in keys:
+        rows = [r for r in records if (r["router"], r["point"]) == (router, point)]
+        cells = [
+            summary([r[mode]["entropy"] for r in rows if r["pool"] == pool], k)
+            for pool in features
+            for mode in ("sequence", "batch")
+        ]
+        largest = max(max(r["sequence"]["fraction"]) for r in rows)
+        seeds = len({r["seed"] for r in rows})
+        print(f"| {router} | {point} | {seeds} | " + " | ".join(cells) + f" | {largest:.2f} |")
+    print(f"\nall loads: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Held-out loss: the mean cross-entropy per response token that a model gives the reference solutions of test
+problems (in MetaMathQA form, prompts masked, tokenised exactly as training tokenises).
+
+Accuracy on a few dozen problems moves in steps of several percent and cannot tell small models apart; the loss on
+the same problems' reference solutions shows what training moved (docs/benchmarks.md). ``python -m tucka_llm loss``
+writes it as ``held_out_loss.json`` into an evaluation directory, where the report reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import peft
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+
+from tucka_llm.atomic import atomic_write_json
+from tucka_llm.data import DataError, asset_path, gsm8k_to_metamathqa, tokenize_metamathqa, tokenizer_source
+
+HELD_OUT_LOSS = "held_out_loss.json"
+MAX_LEN = 384  # the demo's training length
+BATCH_SIZE = 8
+
+
+def math_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
+    """A MATH record in MetaMathQA form: its worked solution as the response."""
+    return {"query": record["problem"], "response": record["solution"], "type": "MATH"}
+
+
+def shipped_test_records(task: str, count: int, start: int = 0) -> list[dict[str, str]]:
+    """Problems ``start .. start + count`` of the shipped GSM8K or MATH test set, in MetaMathQA form."""
+    convert, name = {"gsm8k": (gsm8k_to_metamathqa, "gsm8k"), "math": (math_to_metamathqa, "math")}[task]
+    with asset_path(name, "test.jsonl").open(encoding="utf-8") as f:
+        lines = f.read().splitlines()[start : start + count]
+    return [convert(json.loads(line)) for line in lines]
+
+
+def held_out_batches(
+    records: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, max_len: int = MAX_LEN
+) -> list[dict[str, torch.Tensor]]:
+    """``records`` tokenised as training does (prompt masked with -100), right-padded, in batches of 8."""
+    tokenizer.padding_side = "right"  # positions count from the first token, as in training
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    data = tokenize_metamathqa(datasets.Dataset.from_list(records), tokenizer, max_len).dataset
+    collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return [
+        collate([data[i] for i in range(start, min(start + BATCH_SIZE, len(data)))])
+        for start in range(0, len(data), BATCH_SIZE)
+    ]
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(mean cross-entropy per response token, response tokens) of ``model`` over ``batches``. A TuckA adapter in
+    eval mode routes each sequence on its own (sequence routing)."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for batch in batches:
+        logits = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        ).logits.float()
+        labels = batch["labels"][:, 1:].to(device)
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+            )
+        )
+        tokens += int((labels != -100).sum())
+    return total / tokens, tokens
+
+
+def load_model(model: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model (or a base with an unmerged adapter) in eval mode; a missing directory is a DataError naming it."""
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
+        if adapter is not None:
+            loaded = peft.PeftModel.from_pretrained(loaded, adapter)
+    except (OSError, ValueError) as error:
+        raise DataError(f"--model {model} / --adapter {adapter}: could not load ({error}).") from error
+    return loaded.eval()
+
+
+def write_held_out_loss(args: argparse.Namespace) -> dict[str, Any]:
+    """``python -m tucka_llm loss`` (its arguments are in ``tucka_llm.__main__``): the held-out loss of --model (with
+    --adapter) written to OUTPUT/held_out_loss.json."""
+    import tucka_llm  # noqa: F401 (registers TuckA with peft before an adapter loads)
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.adapter, args.model))
+    batches = held_out_batches(shipped_test_records(args.task, args.limit), tokenizer)
+    loss, tokens = held_out_loss(load_model(args.model, args.adapter), batches)
+    record = {
+        "task": args.task,
+        "problems": args.limit,
+        "data": f"the first {args.limit} {args.task} test problems, reference solutions in MetaMathQA form",
+        "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+        "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
+        "loss": loss,
+        "response_tokens": tokens,
+    }
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(output / HELD_OUT_LOSS, record)
+    print(f"held-out loss {loss:.4f} over {tokens} response tokens: {output / HELD_OUT_LOSS}")
+    return record
