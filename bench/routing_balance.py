@@ -4,12 +4,15 @@ seeds and after training, on SmolLM2-135M-Instruct.
     python bench/routing_balance.py                                   # 3 routers x 8 seeds at init; trained runs
     python bench/routing_balance.py --seeds 5 --trained 'runs/quality_small/tucka-*/train'
 
-Calibration (DAI) is the launcher's: ``--dai-samples`` 256 random GSM8K training sequences (seed = the run's seed)
-in MetaMathQA form, max length 384 (the demo's). Routing features depend on the base model alone (the routing layer
-is layer 0's q_proj), so they are computed once per pool and every router and seed routes the same features, exactly
-as the adapter does (``Router.route_features`` on the routing layer's state, after ``data_aware_init``). Held-out
-pools, disjoint from every calibration sample: GSM8K test (the first 256 problems), and a GSM8K + MATH mix (128
-GSM8K test problems after those, 128 MATH test problems, in MetaMathQA form), shaped like MetaMathQA's mix.
+Calibration (DAI) is the launcher's: ``--dai-samples`` 256 random training sequences (seed = the run's seed) in
+MetaMathQA form, max length 384 (the demo's), drawn from the data the pool stands for: GSM8K train for the GSM8K
+pool; for the mix, half GSM8K train and half MATH problems 1000 and on (MATH's train split is not shipped), as a
+MetaMathQA-like training set would be. A third column routes the mix with the GSM8K calibration: a model
+calibrated on one distribution and used on another. Routing features depend on the base model alone (the routing
+layer is layer 0's q_proj), so every router and seed routes the same features, exactly as the adapter does
+(``Router.route_features`` on the routing layer's state, after ``data_aware_init``). Held-out pools, disjoint from
+every calibration sample: GSM8K test (the first 256 problems), and a GSM8K + MATH mix (the next 128 GSM8K test
+problems and MATH test problems 0-127, in MetaMathQA form, shuffled).
 
 Per router, seed and pool: the load per sequence (sequence routing, as evaluation routes) and per micro-batch of 8
 (batch routing, as training routes: the mean feature of 8 consecutive sequences), as group shares and entropy
@@ -35,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 import tucka_llm
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import asset_path, gsm8k_to_metamathqa, load_metamathqa, tokenize_metamathqa
+from tucka_llm.eval.loss import math_to_metamathqa
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.tucka.dai import calibration_features, routing_layers
 from tucka_llm.tucka.routing import ROUTERS, ActiveRoute, ExpertLoad
@@ -44,22 +48,24 @@ MICRO_BATCH = 8
 FIRST_SEED = 42
 
 
-def math_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
-    """A MATH test record in MetaMathQA form (its solution as the response)."""
-    return {"query": record["problem"], "response": record["solution"], "type": "MATH"}
-
-
 def jsonl(name: str, file: str, start: int, count: int) -> list[dict]:
     with asset_path(name, file).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f][start : start + count]
+
+
+def shuffled(records: list[dict], seed: int) -> list[dict]:
+    return [records[i] for i in torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
 def held_out_pools() -> dict[str, list[dict[str, str]]]:
     gsm8k = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 0, 256)]
     mixed = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 256, 128)]
     mixed += [math_to_metamathqa(r) for r in jsonl("math", "test.jsonl", 0, 128)]
-    mixed = [mixed[i] for i in torch.randperm(len(mixed), generator=torch.Generator().manual_seed(0)).tolist()]
-    return {"GSM8K": gsm8k, "GSM8K+MATH": mixed}
+    return {"GSM8K": gsm8k, "GSM8K+MATH": shuffled(mixed, 0)}
+
+
+# (column, held-out pool, calibration data)
+COLUMNS = [("GSM8K", "GSM8K", "gsm8k"), ("mix", "GSM8K+MATH", "mix"), ("mix, GSM8K-calibrated", "GSM8K+MATH", "gsm8k")]
 
 
 def features_of(model: torch.nn.Module, records: list[dict], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
@@ -103,7 +109,18 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-    train = tokenize_metamathqa(load_metamathqa("gsm8k-train"), tokenizer, MAX_LEN).dataset
+    gsm8k_train = load_metamathqa("gsm8k-train")
+    gsm8k_tokens = tokenize_metamathqa(gsm8k_train, tokenizer, MAX_LEN).dataset
+    math_rest = [math_to_metamathqa(r) for r in jsonl("math", "test.jsonl", 1000, 4000)]
+
+    def calibration(data: str, seed: int) -> list[dict[str, torch.Tensor]]:
+        if data == "gsm8k":
+            return list(calibration_batches(gsm8k_tokens, args.dai_samples, seed, tokenizer))
+        half = args.dai_samples // 2
+        picked = torch.randperm(len(gsm8k_train), generator=torch.Generator().manual_seed(seed))[:half].tolist()
+        rows = [gsm8k_train[i] for i in picked] + shuffled(math_rest, seed)[:half]
+        mixed = tokenize_metamathqa(datasets.Dataset.from_list(shuffled(rows, seed)), tokenizer, MAX_LEN).dataset
+        return list(calibration_batches(mixed, len(mixed), seed, tokenizer))
 
     records: list[dict] = []
     features: dict[str, torch.Tensor] = {}
@@ -113,38 +130,41 @@ def main() -> None:
         if not features:
             features = {pool: features_of(model, rows, tokenizer) for pool, rows in held_out_pools().items()}
         for seed in range(FIRST_SEED, FIRST_SEED + args.seeds):
-            tucka_llm.data_aware_init(model, calibration_batches(train, args.dai_samples, seed, tokenizer), seed)
-            for pool, h in features.items():
-                per_sequence, per_batch = loads(model, h)
-                records.append({"router": router, "point": "init", "seed": seed, "pool": pool,
-                                "sequence": per_sequence.__dict__, "batch": per_batch.__dict__})  # fmt: skip
+            for data in ("gsm8k", "mix"):
+                tucka_llm.data_aware_init(model, calibration(data, seed), seed)
+                for column, pool, _ in [c for c in COLUMNS if c[2] == data]:
+                    per_sequence, per_batch = loads(model, features[pool])
+                    records.append({"router": router, "point": "init", "seed": seed, "column": column,
+                                    "sequence": per_sequence.__dict__, "batch": per_batch.__dict__})  # fmt: skip
         base = model.unload()  # the same base for the next router
 
     runs = sorted({Path(p) for pattern in args.trained for p in glob.glob(pattern)})
     for run in runs:
         options = json.loads((run / "run_config.json").read_text())["options"]
         model = peft.PeftModel.from_pretrained(base, run).eval()
-        for pool, h in features.items():
-            per_sequence, per_batch = loads(model, h)
+        for column, pool, _ in [c for c in COLUMNS if c[2] == "gsm8k"]:  # the runs trained on GSM8K
+            per_sequence, per_batch = loads(model, features[pool])
             records.append({"router": options["router"], "point": f"trained {options['max_steps']} steps",
-                            "seed": options["seed"], "pool": pool, "run": str(run),
+                            "seed": options["seed"], "column": column, "run": str(run),
                             "sequence": per_sequence.__dict__, "batch": per_batch.__dict__})  # fmt: skip
         base = model.unload()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1))
 
     k = tucka_llm.TuckAConfig().k
-    print(f"\nRouting entropy / ln {k}: mean [worst seed]; per sequence and per micro-batch of {MICRO_BATCH}\n")
-    print("| router | point | seeds | GSM8K seq | GSM8K batch | GSM8K+MATH seq | GSM8K+MATH batch | largest share |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print(f"\nRouting entropy / ln {k}: mean [worst seed]; per sequence (seq) and per micro-batch of {MICRO_BATCH}\n")
+    heads = [f"{column} {mode}" for column, _, _ in COLUMNS for mode in ("seq", "batch")]
+    print("| router | point | seeds | " + " | ".join(heads) + " | largest share |")
+    print("|---|---|---:|" + "---:|" * (len(heads) + 1))
     keys = sorted({(r["router"], r["point"]) for r in records}, key=lambda x: (ROUTERS.index(x[0]), x[1]))
     for router, point in keys:
         rows = [r for r in records if (r["router"], r["point"]) == (router, point)]
         cells = [
-            summary([r[mode]["entropy"] for r in rows if r["pool"] == pool], k)
-            for pool in features
+            summary([r[mode]["entropy"] for r in rows if r["column"] == column], k) if any(
+                r["column"] == column for r in rows) else "–"
+            for column, _, _ in COLUMNS
             for mode in ("sequence", "batch")
-        ]
+        ]  # fmt: skip
         largest = max(max(r["sequence"]["fraction"]) for r in rows)
         seeds = len({r["seed"] for r in rows})
         print(f"| {router} | {point} | {seeds} | " + " | ".join(cells) + f" | {largest:.2f} |")

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 
 from tucka_llm.data import DataError
+from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
 from tucka_llm.training.run import RunError, gradient_accumulation
+from tucka_llm.tucka.config import width_scaled_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,11 +125,20 @@ def test_defaults_are_the_papers_reference_run():
         100_000,
     )
     assert (options.method, options.r, options.k, options.t, options.p) == ("tucka", 16, 4, 2, 2)
-    assert (options.alpha, options.perturb_scale, options.target_module_list) == (512, 20, ["q_proj", "v_proj"])
+    assert (options.alpha, options.perturb_scale, options.target_module_list) == ("auto", 20, ["q_proj", "v_proj"])
+    assert width_scaled_alpha(llama2_7b_config().hidden_size) == 512.0  # "auto" is the paper's 512 on Llama-2-7B
+    assert (options.router, options.normalize_gates) == ("centred", True)
     assert (options.epochs, options.max_len, options.precision) == (2, 512, "bf16")
     assert gradient_accumulation(options, world_size=8) * options.micro_batch * 8 == 32
     assert (options.micro_batch, options.lr, options.lr_scheduler, options.warmup_ratio) == (1, 1e-3, "cosine", 0.03)
     assert (options.weight_decay, options.lora_r, options.lora_alpha, options.lora_dropout) == (0, 32, 32, 0)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "nan", "inf", "big"])
+def test_alpha_must_be_auto_or_a_finite_positive_number(value, capsys):
+    with pytest.raises(SystemExit):
+        parse_options(["--alpha", value])
+    assert "--alpha" in capsys.readouterr().err
 
 
 def test_help_explains_every_flag_with_its_default():
