@@ -4,6 +4,7 @@ cases where the project's scoring and MetaMath's disagree."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -124,3 +125,36 @@ def test_metamath_scoring_is_reproduced_with_its_known_defects():
     assert metamath.is_equiv("0.5", "\\frac12") and metamath.is_equiv("5 \\text{ cm}", "5")
     assert not metamath.is_equiv("2x+1", "1+2x")
     assert metamath.is_equiv("\\sqrt", "\\sqrt")  # normalising raises: raw strings compared, as in the original
+
+
+# Completions built to make a backtracking regex or a quadratic loop blow up: each must score in milliseconds.
+MEGABYTE = 1 << 20
+PATHOLOGICAL = {
+    "frac then spaces": "The answer is \\frac{" + " " * 8000 + "x",
+    "marker then spaces": "The answer is" + " " * MEGABYTE + "x",
+    "nested boxes": "\\boxed{" * 5000,
+    "nested boxes closed": "\\boxed{" * 5000 + "7" + "}" * 5000,
+    "unclosed text": "\\text{" * 100_000 + "x",
+    "unclosed fracs": "\\frac{" * 100_000 + "1",
+    "megabyte of words": "the cat sat on the mat " * (MEGABYTE // 23),
+    "megabyte of digits": "9" * MEGABYTE,
+    "megabyte of separators": "1," * (MEGABYTE // 2),
+    "many markers": "The answer is: 3\n" * 60_000,
+    "many colonless markers": "the answer is " * 80_000,
+    "number then spaces": "12" + " " * MEGABYTE + "/x",
+}
+
+
+@pytest.mark.parametrize("name", PATHOLOGICAL)
+def test_pathological_completions_are_scored_in_linear_time(name):
+    text = PATHOLOGICAL[name]
+    calls = {
+        "extract gsm8k": lambda: extract_answer(text, "gsm8k"),
+        "extract math": lambda: extract_answer(text, "math"),
+        "score gsm8k": lambda: is_correct(text, "7", "gsm8k"),
+    }
+    for call, run in calls.items():
+        started = time.perf_counter()
+        run()
+        # Tens of milliseconds per megabyte when linear; minutes when a regex backtracks.
+        assert time.perf_counter() - started < 1.0, call

@@ -23,7 +23,11 @@ TASKS = ("gsm8k", "math")
 _MARKER = re.compile(r"The answer is\s*:", re.IGNORECASE)  # with its colon: "the answer is a multiple of" is prose
 # A number: sign, digits with or without thousands separators, decimals, optionally "/ denominator".
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+")
-_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
+# Each quantifier is followed by something it cannot match, so no regex here backtracks more than linearly (a lazy
+# "\s*([^{}]+?)\s*" took minutes on "\frac{" and 8,000 spaces); the groups are stripped in ``_plain`` instead.
+_LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}")
+# "\text{...}" with one level of braces inside; "[^}]*" would rescan to the end from every unclosed "\text{".
+_TEXT_OR_SIGN = re.compile(r"\\?[$%]|\\text\{(?:[^{}]|\{[^{}]*\})*\}")
 
 
 def extract_answer(text: str, task: str) -> str | None:
@@ -86,8 +90,8 @@ def _math_verify_equal(predicted: str, gold: str) -> bool:
 def _plain(text: str) -> str:
     """Numbers in ``text`` written plainly: LaTeX fractions as a/b, no currency, percent or math-mode marks."""
     text = text.replace("\u2212", "-").replace("\\!", "").replace("\\,", "")
-    text = _LATEX_FRAC.sub(r"(\1)/(\2)", text).replace("(", "").replace(")", "")
-    return re.sub(r"\\?[$%]|\\text\{[^}]*\}", " ", text)
+    text = _LATEX_FRAC.sub(lambda m: f"({m[1].strip()})/({m[2].strip()})", text).replace("(", "").replace(")", "")
+    return _TEXT_OR_SIGN.sub(" ", text)
 
 
 def _boxed_content(boxed: str) -> str | None:
