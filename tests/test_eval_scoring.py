@@ -11,7 +11,7 @@ import pytest
 from tucka_llm.data import asset_path, gsm8k_to_metamathqa
 from tucka_llm.eval import extract_answer, is_correct, metamath
 from tucka_llm.eval.problems import load_problems
-from tucka_llm.eval.scoring import _math_verify_equal, parse_number
+from tucka_llm.eval.scoring import RULES, _math_verify_equal, extract_answer_with_rule, parse_number
 
 
 def read_jsonl(*parts: str) -> list[dict]:
@@ -88,6 +88,85 @@ def test_gsm8k_numbers_compare_by_value(completion, gold):
     assert not is_correct(completion, str(parse_number(gold) + 1), "gsm8k")
 
 
+# Each format models write, with the rule that reads it (records and summaries name the rule).
+FORMATS = [
+    ("math", "So $x = 2$, $y = -1$, $z = 2$.\nThe answer is: $(2, -1, 2).$", "(2, -1, 2)", "marker"),  # period inside $
+    ("math", "The answer is: $\\frac{1}{2},$", "\\frac{1}{2}", "marker"),  # comma inside the delimiters
+    ("math", "The answer is: \\(x^2 + 1\\).", "x^2 + 1", "marker"),
+    ("math", "Hence $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}", "boxed"),
+    ("math", "Adding, $3 + 4 = 7$.\nFinal Answer: The final answer is $7$. I hope it is correct.", "7", "final-answer"),
+    ("math", "Final Answer: The final answer is $(2, -1, 2).$ I hope it is correct.", "(2, -1, 2)", "final-answer"),
+    ("math", "We simplify.\n\n**Final Answer:**\n$\\frac{1}{2}$", "\\frac{1}{2}", "final-answer"),
+    ("gsm8k", "12 + 6 = 18.\nFinal Answer: The final answer is $18$. I hope it is correct.", "18", "final-answer"),
+    ("math", "So $p = \\frac{1}{4}$.\n\n# Answer\n\n\\frac{1}{4}", "\\frac{1}{4}", "answer-heading"),  # PRM800K
+    ("gsm8k", "He needs 3 * 4 = 12 eggs.\n\n# Answer\n\n12\n", "12", "answer-heading"),
+    ("math", "The area is 12.\n\n**Final Answer**\n\n12", "12", "answer-heading"),
+    ("math", "The sum is $\\frac{1}{4}$.\n#### \\frac{1}{4}", "\\frac{1}{4}", "hashes"),  # GSM8K's own format
+    ("gsm8k", "Natalia sold 48/2 = 24 clips in May.\n#### 72", "72", "hashes"),
+    ("math", "#### Step 1: add\n$3 + 4 = 7$\n#### 7", "7", "hashes"),  # a heading above the answer line
+    ("math", "#### Answer: 7", "7", "hashes"),
+    ("math", "Thus the answer is $\\frac{3}{4}$.", "\\frac{3}{4}", "answer-is"),
+    ("math", "Therefore, the final answer is 12", "12", "answer-is"),
+    ("math", "The final answer is $5$. I hope it is correct.", "5", "answer-is"),  # Minerva without "Final Answer:"
+    ("gsm8k", "So the answer is 18 dollars.", "18 dollars", "answer-is"),
+    ("gsm8k", "She pays 12 + 3 = 15 dollars in total.", "15", "fallback"),
+]
+
+
+@pytest.mark.parametrize(("task", "completion", "answer", "rule"), FORMATS)
+def test_every_common_final_answer_format_is_read_and_its_rule_named(task, completion, answer, rule):
+    assert extract_answer_with_rule(completion, task) == (answer, rule)
+    assert extract_answer(completion, task) == answer
+    assert rule in RULES
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "We know the answer is a multiple of 3, so we check 12.\nIt works.",  # prose in the middle of a solution
+        "We see that the answer is a multiple of 3.",  # prose at the end: two words, not an answer
+        "The answer is 5. Then we check that 5 works.",  # without a colon, only the last sentence counts
+        "#### Step 2: compute the sum\nThe sum is 5",  # a Markdown heading, not GSM8K's answer line
+        "The answer is:",  # a marker with nothing after it
+        "Final Answer:",
+        "Let me think.\n# Answer\n",
+    ],
+)
+def test_prose_headings_and_empty_markers_are_not_answers(completion):
+    assert extract_answer_with_rule(completion, "math") == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("completion", "answer", "rule"),
+    [
+        ("The answer is: 3\n\n# Answer\n\n4", "3", "marker"),  # MetaMath's marker first
+        ("The answer is: 3. Check: \\boxed{4}", "4", "boxed"),  # a box after the marker is the later answer
+        ("$\\boxed{3}$\nFinal Answer: The final answer is $4$. I hope it is correct.", "3", "boxed"),
+        ("Final Answer: The final answer is $3$. I hope it is correct.\n# Answer\n\n4", "3", "final-answer"),
+        ("# Answer\n\n3\n#### 4", "3", "answer-heading"),
+        ("#### 3\nSo the answer is 4.", "3", "hashes"),
+    ],
+)
+def test_rules_apply_in_their_documented_order(completion, answer, rule):
+    assert RULES == ("marker", "boxed", "final-answer", "answer-heading", "hashes", "answer-is", "fallback")
+    assert extract_answer_with_rule(completion, "math") == (answer, rule)
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold"),
+    [
+        ("Final Answer: The final answer is $\\dfrac{1}{2}$. I hope it is correct.", "\\frac12"),
+        ("# Answer\n\n(2, -1, 2)", "(2,-1,2)"),
+        ("The answer is: $(2, -1, 2).$", "(2,-1,2)"),
+        ("#### 1+2x", "2x+1"),
+        ("So the answer is $\\frac{3}{4}$.", "0.75"),
+    ],
+)
+def test_math_answers_read_by_every_rule_are_scored(completion, gold):
+    assert is_correct(completion, gold, "math")
+    assert not is_correct(completion, "7", "math")
+
+
 def test_no_answer_at_all_is_an_extraction_failure():
     assert extract_answer("Let me think about this problem carefully.", "gsm8k") is None
     assert extract_answer("Let me think about 3 apples.", "math") is None
@@ -142,6 +221,13 @@ PATHOLOGICAL = {
     "many markers": "The answer is: 3\n" * 60_000,
     "many colonless markers": "the answer is " * 80_000,
     "number then spaces": "12" + " " * MEGABYTE + "/x",
+    "final answer then spaces": "Final Answer" + " " * MEGABYTE + "x",
+    "the final then spaces": "the final" + " " * MEGABYTE + "answer",
+    "heading then spaces": "#" + " " * MEGABYTE + "x\n# Answer" + " " * MEGABYTE + "x",
+    "hashes then spaces": "####" + " " * MEGABYTE + "\n",
+    "many headings": "# Answer\n" * 100_000,
+    "many hashes headings": "#### Step\n" * 100_000,
+    "delimiters": "The answer is: " + "$" * MEGABYTE + "**" * MEGABYTE,
 }
 
 

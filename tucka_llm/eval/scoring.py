@@ -1,8 +1,21 @@
-"""Answer extraction and scoring for GSM8K and MATH: ``extract_answer`` and ``is_correct``.
+"""Answer extraction and scoring for GSM8K and MATH: ``extract_answer(_with_rule)`` and ``is_correct``.
 
-The answer of a completion is what follows the last "The answer is:" (MetaMath's convention; the rest of that line,
-its boxed content if boxed), else the content of the last ``\\boxed{}``, else (GSM8K only) the last number in the
-text. A ``\\boxed{}`` written after the last marker wins over it: it is the later, final answer.
+The answer of a completion is read by the first of these rules (``RULES``) that finds one; records name the rule:
+
+1. ``marker``: the rest of the line after the last "The answer is:" (MetaMath's convention; the colon is required,
+   so prose such as "the answer is a multiple of 3" is not read).
+2. ``boxed``: the content of the last ``\\boxed{}`` (or ``\\fbox{}``), braces matched. A box written after the last
+   marker wins over it: it is the later, final answer.
+3. ``final-answer``: Minerva's "Final Answer: The final answer is $X$. I hope it is correct." (also "**Final
+   Answer:** X"): the rest of that line, else the next non-empty one.
+4. ``answer-heading``: PRM800K's "# Answer" line (also "## Final Answer", "**Answer**"): the next non-empty line.
+5. ``hashes``: "#### X" (GSM8K's own solutions), the last such line, unless it is a Markdown heading ("#### Step 2").
+6. ``answer-is``: "The answer is $X$." or "the final answer is X" without a colon, only where that sentence ends the
+   completion (a closing "I hope it is correct." aside) and X does not start with two words (prose).
+7. ``fallback`` (GSM8K only): the last number in the text.
+
+Answers not in a box are cleaned alike: math delimiters (``$``, ``$$``, ``\\(\\)``, ``\\[\\]``), bold and a closing
+period or comma are removed, also inside the delimiters (``$(2, -1, 2).$`` reads ``(2, -1, 2)``).
 
 GSM8K compares numbers exactly (as fractions): thousands separators, signs, decimals, fractions (``3/4``,
 ``\\frac{3}{4}``), currency and percent signs and trailing units are handled, so "$1,234,567.00 dollars" is 1234567.
@@ -15,12 +28,29 @@ removed, for example). ``tucka_llm.eval.metamath`` reproduces MetaMath's own sco
 from __future__ import annotations
 
 import re
+from collections import deque
 from fractions import Fraction
+from typing import NamedTuple
 
 from tucka_llm.eval import metamath
 
 TASKS = ("gsm8k", "math")
 _MARKER = re.compile(r"The answer is\s*:", re.IGNORECASE)  # with its colon: "the answer is a multiple of" is prose
+_FINAL_ANSWER = re.compile(r"final answer(?:\*\*)?\s*:(?:\*\*)?", re.IGNORECASE)  # also "**Final Answer:**"
+_FINAL_ANSWER_IS = re.compile(r"(?:the\s+)?final\s+answer\s+is\b\s*:?", re.IGNORECASE)
+_HOPE = re.compile(r"I hope it is correct", re.IGNORECASE)  # Minerva's closing sentence
+# [^\S\n]: a space on the same line. Quantified spaces are never next to another quantifier that also takes spaces.
+_HEADING = re.compile(
+    r"^[^\S\n]*(?:#{1,6}[^\S\n]*|\*\*)(?:final[^\S\n]+)?answer\b", re.I | re.M
+)  # "# Answer", "**Answer**"
+_HASHES = re.compile(r"^[^\S\n]*####(?!#)[^\S\n]*(\S[^\n]*)", re.MULTILINE)
+_ANSWER_LABEL = re.compile(r"(?:final\s+)?answer\b\s*:?", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
+_WORD = re.compile(r"[A-Za-z]{2,}")  # an answer that starts with a word is a heading ("#### Step 2")
+_PROSE = re.compile(r"[A-Za-z]+\s+[A-Za-z]{2,}")  # two words: "a multiple of 3", "not an integer"
+_SENTENCE_END = re.compile(r"[.!?]\s")
+_NON_SPACE = re.compile(r"\S")
+_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"))
 # A number: sign, digits with or without thousands separators, decimals, optionally "/ denominator".
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+")
 # Each quantifier is followed by something it cannot match, so no regex here backtracks more than linearly (a lazy
@@ -30,23 +60,99 @@ _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}")
 _TEXT_OR_SIGN = re.compile(r"\\?[$%]|\\text\{(?:[^{}]|\{[^{}]*\})*\}")
 
 
+class Extraction(NamedTuple):
+    """The answer a completion states and the rule that read it (one of ``RULES``); both None when none did."""
+
+    answer: str | None
+    rule: str | None
+
+
 def extract_answer(text: str, task: str) -> str | None:
     """The final answer written in ``text`` (a completion), as a string; None when there is none."""
+    return extract_answer_with_rule(text, task).answer
+
+
+def extract_answer_with_rule(text: str, task: str) -> Extraction:
+    """The final answer written in ``text`` and the rule that read it: the first of ``RULES`` that finds one."""
     _check_task(task)
     markers = list(_MARKER.finditer(text))
     boxed_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if markers and boxed_at < markers[-1].start():  # a \boxed{} written after the marker is the later answer
-        line = text[markers[-1].end() :].strip().split("\n", 1)[0]
-        answer = _strip_sentence(line)
+        answer = _clean(_first_line(text, markers[-1].end()))
         if answer:
-            return answer
+            return Extraction(answer, "marker")
     boxed = metamath.last_boxed(text)
     if boxed and _boxed_content(boxed):
-        return _boxed_content(boxed)
+        return Extraction(_boxed_content(boxed), "boxed")
+    for rule, read in _LATER_RULES:
+        answer = read(text)
+        if answer:
+            return Extraction(answer, rule)
     if task == "gsm8k":
         numbers = _NUMBER.findall(_plain(text))
-        return numbers[-1].strip() if numbers else None
-    return None
+        if numbers:
+            return Extraction(numbers[-1].strip(), "fallback")
+    return Extraction(None, None)
+
+
+def _final_answer(text: str) -> str | None:
+    """Minerva's "Final Answer: The final answer is $X$. I hope it is correct." (also "**Final Answer:** X")."""
+    found = _last(_FINAL_ANSWER, text)
+    if found is None:
+        return None
+    line = _first_line(text, found.end()).lstrip("*").strip()
+    prefix = _FINAL_ANSWER_IS.match(line)
+    line = line[prefix.end() :] if prefix else line
+    hope = _HOPE.search(line)
+    return _clean(line[: hope.start()] if hope else line) or None
+
+
+def _answer_heading(text: str) -> str | None:
+    """PRM800K's "# Answer" heading (also "## Final Answer", "**Answer:**"): the answer is the next non-empty line."""
+    found = _last(_HEADING, text)
+    if found is None:
+        return None
+    end = text.find("\n", found.end())
+    if end < 0 or text[found.end() : end].strip(" \t*:"):  # no next line, or not a heading ("# Answer the call")
+        return None
+    return _clean(_first_line(text, end)) or None
+
+
+def _hashes(text: str) -> str | None:
+    """GSM8K's "#### X" on the last such line; "#### Step 2: ..." is a Markdown heading, not an answer."""
+    found = _last(_HASHES, text)
+    if found is None:
+        return None
+    label = _ANSWER_LABEL.match(found[1])  # "#### Answer: 5"
+    answer = _clean(found[1][label.end() :] if label else found[1])
+    return None if not answer or _WORD.match(answer) else answer
+
+
+def _answer_is(text: str) -> str | None:
+    """ "The answer is $X$." or "the final answer is X" without a colon, only as the completion's last sentence.
+
+    Without the colon "the answer is" is often prose ("the answer is a multiple of 3, so ..."): the statement must
+    end the completion (a closing "I hope it is correct." aside) and must not start with two words."""
+    found = _last(_ANSWER_IS, text)
+    if found is None:
+        return None
+    rest = text[found.end() :].strip()
+    hope = _HOPE.search(rest)
+    if hope and not rest[hope.end() :].strip(" .\n"):
+        rest = rest[: hope.start()]
+    answer = _clean(rest.removeprefix(":"))
+    if not answer or "\n" in answer or _SENTENCE_END.search(answer) or _PROSE.match(answer):
+        return None
+    return answer
+
+
+_LATER_RULES = (
+    ("final-answer", _final_answer),
+    ("answer-heading", _answer_heading),
+    ("hashes", _hashes),
+    ("answer-is", _answer_is),
+)
+RULES = ("marker", "boxed", *(rule for rule, _ in _LATER_RULES), "fallback")
 
 
 def is_correct(completion: str, gold: str, task: str) -> bool:
@@ -100,12 +206,35 @@ def _boxed_content(boxed: str) -> str | None:
     return None
 
 
-def _strip_sentence(answer: str) -> str:
-    """ "$\\frac{1}{2}$." -> "\\frac{1}{2}": the sentence's final period and math-mode dollars removed."""
-    answer = answer.strip().rstrip(".").strip()
-    if len(answer) > 1 and answer.startswith("$") and answer.endswith("$"):
-        answer = answer.strip("$").strip()
-    return answer
+def _clean(answer: str) -> str:
+    """The answer alone: ``$(2, -1, 2).$`` -> ``(2, -1, 2)``, without math delimiters, bold or a closing period/comma.
+
+    Each kind of delimiter is removed at most once (only when it does not occur inside), so this is linear."""
+    answer = answer.strip()
+    while True:
+        before = answer
+        answer = answer.rstrip(" .,").strip()
+        for opening, closing in _DELIMITERS:
+            if len(answer) >= len(opening) + len(closing) and answer.startswith(opening) and answer.endswith(closing):
+                inner = answer[len(opening) : -len(closing)]
+                if opening not in inner and closing not in inner:
+                    answer = inner.strip()
+        if answer == before:
+            return answer
+
+
+def _first_line(text: str, start: int) -> str:
+    """The rest of the line at ``start`` if it holds any text, else the next non-empty line."""
+    found = _NON_SPACE.search(text, start)
+    if found is None:
+        return ""
+    end = text.find("\n", found.start())
+    return text[found.start() : end if end >= 0 else len(text)].strip()
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    last = deque(pattern.finditer(text), maxlen=1)
+    return last[0] if last else None
 
 
 def _check_task(task: str) -> None:
