@@ -167,6 +167,24 @@ def test_math_answers_read_by_every_rule_are_scored(completion, gold):
     assert not is_correct(completion, "7", "math")
 
 
+@pytest.mark.parametrize(
+    ("completion", "expected"),
+    [
+        # Closing prose repeats a number of the question: the one computed earlier is the answer (was 15).
+        (
+            "20 cars came; 15 came later.\n20 - 15 = 5\n5 cars drove through the traffic jam in the first 15 minutes.",
+            "5",
+        ),
+        ("Each week costs 4 * 3 = $12.\nSo she pays 4 * 3 = 12 dollars for 3 weeks.", "12"),  # after the last "="
+        ("It takes 2 hours. After 3 days she has 12 apples.", "12"),  # nothing computed: the last number
+        ("He has 1,234 + 1 = 1,235 stamps.\nSo 1,235.00 stamps fill 2 albums.", "1,235.00"),
+    ],
+)
+def test_gsm8k_fallback_reads_the_number_of_the_final_statement(completion, expected):
+    assert extract_answer_with_rule(completion, "gsm8k") == (expected, "fallback")
+    assert extract_answer(completion, "math") is None  # MATH has no fallback
+
+
 def test_no_answer_at_all_is_an_extraction_failure():
     assert extract_answer("Let me think about this problem carefully.", "gsm8k") is None
     assert extract_answer("Let me think about 3 apples.", "math") is None

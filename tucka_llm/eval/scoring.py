@@ -12,7 +12,8 @@ The answer of a completion is read by the first of these rules (``RULES``) that 
 5. ``hashes``: "#### X" (GSM8K's own solutions), the last such line, unless it is a Markdown heading ("#### Step 2").
 6. ``answer-is``: "The answer is $X$." or "the final answer is X" without a colon, only where that sentence ends the
    completion (a closing "I hope it is correct." aside) and X does not start with two words (prose).
-7. ``fallback`` (GSM8K only): the last number in the text.
+7. ``fallback`` (GSM8K only): the number of the final statement, the last sentence with a number: after its last
+   "=" if it has one, else the last of its numbers computed earlier (after an "="), else its last number.
 
 Answers not in a box are cleaned alike: math delimiters (``$``, ``$$``, ``\\(\\)``, ``\\[\\]``), bold and a closing
 period or comma are removed, also inside the delimiters (``$(2, -1, 2).$`` reads ``(2, -1, 2)``).
@@ -52,7 +53,11 @@ _SENTENCE_END = re.compile(r"[.!?]\s")
 _NON_SPACE = re.compile(r"\S")
 _DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"))
 # A number: sign, digits with or without thousands separators, decimals, optionally "/ denominator".
-_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+")
+# (The lookahead lets the regex engine skip text that cannot start a number fast: a megabyte of prose in 0.1 s.)
+_NUMBER_PATTERN = r"(?=[-+.\d])(?:[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+(?:\.\d+)?)?|[-+]?\.\d+)"
+_NUMBER = re.compile(_NUMBER_PATTERN)
+_STATEMENT_CHARS = 1000  # a "sentence" longer than this is not prose: its last numbers are enough
+_RESULT = re.compile(rf"=\s*({_NUMBER_PATTERN})")  # the result of a computation
 # Each quantifier is followed by something it cannot match, so no regex here backtracks more than linearly (a lazy
 # "\s*([^{}]+?)\s*" took minutes on "\frac{" and 8,000 spaces); the groups are stripped in ``_plain`` instead.
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}")
@@ -75,10 +80,10 @@ def extract_answer(text: str, task: str) -> str | None:
 def extract_answer_with_rule(text: str, task: str) -> Extraction:
     """The final answer written in ``text`` and the rule that read it: the first of ``RULES`` that finds one."""
     _check_task(task)
-    markers = list(_MARKER.finditer(text))
+    marker = _last(_MARKER, text)
     boxed_at = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if markers and boxed_at < markers[-1].start():  # a \boxed{} written after the marker is the later answer
-        answer = _clean(_first_line(text, markers[-1].end()))
+    if marker and boxed_at < marker.start():  # a \boxed{} written after the marker is the later answer
+        answer = _clean(_first_line(text, marker.end()))
         if answer:
             return Extraction(answer, "marker")
     boxed = metamath.last_boxed(text)
@@ -89,9 +94,9 @@ def extract_answer_with_rule(text: str, task: str) -> Extraction:
         if answer:
             return Extraction(answer, rule)
     if task == "gsm8k":
-        numbers = _NUMBER.findall(_plain(text))
-        if numbers:
-            return Extraction(numbers[-1].strip(), "fallback")
+        answer = _final_statement_number(text)
+        if answer:
+            return Extraction(answer, "fallback")
     return Extraction(None, None)
 
 
@@ -144,6 +149,39 @@ def _answer_is(text: str) -> str | None:
     if not answer or "\n" in answer or _SENTENCE_END.search(answer) or _PROSE.match(answer):
         return None
     return answer
+
+
+def _final_statement_number(text: str) -> str | None:
+    """GSM8K without a marked answer: the number of the final statement (the last sentence with a number).
+
+    A computation states its result after its last "="; closing prose ("5 cars drove through the traffic jam in the
+    first 15 minutes.") also repeats numbers of the question, so of several, the last one computed earlier in the text
+    (written after an "=") is taken, else the last one."""
+    plain = _plain(text)
+    last_digit = max(plain.rfind(digit) for digit in "0123456789")  # found from the end: no scan of every number
+    if last_digit < 0:
+        return None
+    line_start = plain.rfind("\n", 0, last_digit) + 1
+    line_end = plain.find("\n", last_digit)
+    line = plain[line_start : line_end if line_end >= 0 else len(plain)]
+    sentence_end = _last(_SENTENCE_END, line[: last_digit - line_start])
+    start = max(sentence_end.end() if sentence_end else 0, last_digit - line_start - _STATEMENT_CHARS)
+    statement = line[start:]
+    if "=" in statement:
+        result = _NUMBER.search(statement.rsplit("=", 1)[1])
+        if result:
+            return result.group().strip()
+    numbers = [number.strip() for number in _NUMBER.findall(statement)]
+    if len(numbers) > 1:
+        computed = {_canonical(found[1]) for found in _RESULT.finditer(plain)}
+        numbers = [number for number in numbers if _canonical(number) in computed] or numbers
+    return numbers[-1] if numbers else None
+
+
+def _canonical(number: str) -> str:
+    """A number as written, for comparing: "1,234.50" -> "1234.5"."""
+    number = number.replace(",", "").replace(" ", "").lstrip("+")
+    return number.rstrip("0").rstrip(".") if "." in number and "/" not in number else number
 
 
 _LATER_RULES = (
