@@ -191,6 +191,40 @@ def test_no_answer_at_all_is_an_extraction_failure():
     assert not is_correct("no answer", "3", "math")
 
 
+# math-verify 0.9.0 / latex2sympy2_extended 1.11.0 misread these; scoring.py works around each (docs/evaluation.md).
+MATH_VERIFY_DEFECTS = [
+    ("\\binom{30}{3}\\binom{20}{2}", "771400", True),  # juxtaposed binomials were read as a sum, 4060 + 190
+    ("\\binom{30}{3}\\binom{20}{2}", "4250", False),
+    ("2\\binom{4}{2}", "12", True),  # read as 2 + 6
+    ("2\\binom{4}{2}", "8", False),
+    ("\\dbinom{4}{2}\\dbinom{3}{1}", "18", True),
+    ("2(3)", "6", True),  # the same rule: a parenthesised integer after an integer was added (5)
+    ("3\\left(\\frac{1}{2}\\right)", "\\frac{3}{2}", True),  # read as the mixed number 7/2
+    ("1\\frac{1}{4}", "\\frac{5}{4}", True),  # a mixed number stays one (MATH writes some)
+    ("\\frac{8}{3}t", "\\frac{8t}{3}", True),  # the final "t" was dropped as a unit (tonnes): read as 8/3
+    ("\\frac{8}{3}t", "\\frac{8}{3}", False),  # ... so a wrong gold 8/3 accepted it
+    ("\\frac{8}{3}", "\\frac{8}{3}t", False),
+    ("2x + h", "h + 2x", True),  # "h" (hours) was dropped: read as 2x
+    ("2x + h", "2x", False),
+    ("4", "4t", False),  # a MATH gold answer: 4t was read as 4
+    ("5 \\text{ m}", "5", True),  # units stay units
+    ("5 m", "5", True),
+    ("12*pi", "12\\pi", True),  # plain-text pi was read as the product p*i
+    ("12*pi", "12", False),
+    ("pi/2", "\\frac{\\pi}{2}", True),
+    ("1+2i", "i(2-i)", True),  # i stayed a variable: i(2 - i) = 2i - i^2 differed from 1 + 2i
+    ("i(2-i)", "1+2i", True),
+    ("1+2i", "2+i", False),
+    ("\\frac{i}{5}", "0.2i", True),
+    ("x + i", "i + x", True),
+]
+
+
+@pytest.mark.parametrize(("predicted", "gold", "equal"), MATH_VERIFY_DEFECTS)
+def test_math_verify_misreadings_are_worked_around(predicted, gold, equal):
+    assert is_correct(f"The answer is: {predicted}", gold, "math") is equal
+
+
 # Where the project's scoring and MetaMath's disagree, and why (docs/evaluation.md lists the same cases).
 DISAGREEMENTS = [
     ("gsm8k", "The answer is: 1,234,567", "1234567", True, False,

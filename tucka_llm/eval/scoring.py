@@ -23,7 +23,10 @@ GSM8K compares numbers exactly (as fractions): thousands separators, signs, deci
 MATH decides equivalence with math-verify (symbolic: "2x+1" equals "1+2x", "0.5" equals "\\frac12", intervals,
 sets, matrices); when it cannot parse an answer, or does not find the two equal, the MATH authors' normalised string
 comparison (``metamath.is_equiv``) still accepts answers that are the same once normalised (units and "x =" prefixes
-removed, for example). ``tucka_llm.eval.metamath`` reproduces MetaMath's own scoring for comparison.
+removed, for example). Answers are rewritten around math-verify's known misreadings first (``_for_math_verify``:
+juxtaposed binomials added instead of multiplied, a final variable dropped as a unit, plain-text "pi"), and where
+``i`` is the only symbol they are also compared as complex numbers. ``tucka_llm.eval.metamath`` reproduces
+MetaMath's own scoring for comparison.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ _RESULT = re.compile(rf"=\s*({_NUMBER_PATTERN})")  # the result of a computation
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}")
 # "\text{...}" with one level of braces inside; "[^}]*" would rescan to the end from every unclosed "\text{".
 _TEXT_OR_SIGN = re.compile(r"\\?[$%]|\\text\{(?:[^{}]|\{[^{}]*\})*\}")
+_TIMEOUT_SECONDS = 5  # math-verify's own default for each parse and comparison
+# Where latex2sympy2_extended's mixed-number rule ("2\frac{1}{2}" = 5/2) also adds an integer to the integer-valued
+# factor after it: "2\binom{4}{2}" (8), "\binom{30}{3}\binom{20}{2}" (4250), "2(3)" (5), "3\left(\frac12\right)" (7/2).
+_IMPLICIT_PRODUCT = re.compile(r"(?<=[\d})!])\s*(?=\\[dt]?binom\b)|(?<=[\d)])\s*(?=\(|\\left\()")
+_UNIT_LETTERS = frozenset("cdghlmost")  # the one-letter units latex2sympy2_extended 1.11.0 removes from an answer's end
+_PI_WORD = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")  # "pi" written as a word, not "\pi" or "pin"
 
 
 class Extraction(NamedTuple):
@@ -225,10 +234,59 @@ def answers_equivalent(predicted: str, gold: str) -> bool:
 
 
 def _math_verify_equal(predicted: str, gold: str) -> bool:
+    """Equal for math-verify, around its known misreadings (``_for_math_verify``, ``_complex_equal``)."""
     from math_verify import parse, verify  # imported here: sympy's import costs a second
 
-    parsed_gold, parsed_predicted = parse(f"${gold}$"), parse(f"${predicted}$")
-    return bool(parsed_gold and parsed_predicted and verify(parsed_gold, parsed_predicted))
+    parsed_gold = parse(f"${_for_math_verify(gold)}$")
+    parsed_predicted = parse(f"${_for_math_verify(predicted)}$")
+    if not (parsed_gold and parsed_predicted):
+        return False
+    return verify(parsed_gold, parsed_predicted) or _complex_equal(parsed_gold[0], parsed_predicted[0])
+
+
+def _for_math_verify(answer: str) -> str:
+    """``answer`` rewritten around misreadings of math-verify 0.9.0 / latex2sympy2_extended 1.11.0 (reproductions in
+    docs/evaluation.md); the rewritten answer means the same, so this stays right once they are fixed."""
+    answer = _IMPLICIT_PRODUCT.sub(r"\\cdot ", answer)  # 2\binom{4}{2} is read 2 + 6: make the product explicit
+    answer = _PI_WORD.sub(r"\\pi", answer)  # plain-text 12*pi is read 12*p*i
+    return _protect_trailing_variable(answer)
+
+
+def _protect_trailing_variable(answer: str) -> str:
+    """``\\frac{8}{3}t`` -> ``\\frac{8}{3}(t)``, ``2x + h`` -> ``2x + (h)``: latex2sympy2_extended drops a final
+    letter that is also a unit ("t" tonnes, "h" hours, "m" metres) after a digit, a brace or a space, even where it is a
+    variable. In parentheses it stays one. Protected only when glued to a number, brace or parenthesis, or after an
+    operator or comma: "5 m" keeps its unit."""
+    answer = answer.rstrip()
+    if len(answer) < 2 or answer[-1] not in _UNIT_LETTERS:
+        return answer
+    before = answer[:-1]
+    glued = before[-1] in "0123456789})"
+    after_operator = before.rstrip().endswith(("+", "-", "*", "/", "=", "^", "(", ",", "\\cdot", "\\times"))
+    return f"{before}({answer[-1]})" if glued or after_operator else answer
+
+
+def _complex_equal(gold: object, predicted: object) -> bool:
+    """Equal with ``i`` the imaginary unit, where ``i`` is the only symbol of both (math-verify keeps it a variable,
+    so 1+2i and i(2-i) differ for it). Compared numerically, to 1e-9 relative, within math-verify's 5 s timeout."""
+    import sympy
+    from math_verify.errors import TimeoutException
+    from math_verify.utils import timeout
+
+    if not (isinstance(gold, sympy.Expr) and isinstance(predicted, sympy.Expr)):
+        return False
+    symbols = gold.free_symbols | predicted.free_symbols  # each parse makes its own Symbol("i")
+    if {symbol.name for symbol in symbols} != {"i"}:
+        return False
+
+    def value(expression: sympy.Expr) -> complex:
+        return complex(sympy.N(expression.subs({symbol: sympy.I for symbol in symbols})))
+
+    try:
+        first, second = timeout(_TIMEOUT_SECONDS)(lambda: (value(gold), value(predicted)))()
+    except (TypeError, ValueError, OverflowError, TimeoutException):
+        return False
+    return abs(first - second) <= 1e-9 * max(1.0, abs(first), abs(second))
 
 
 def _plain(text: str) -> str:
