@@ -25,13 +25,14 @@ sets, matrices); when it cannot parse an answer, or does not find the two equal,
 comparison (``metamath.is_equiv``) still accepts answers that are the same once normalised (units and "x =" prefixes
 removed, for example). Answers are rewritten around math-verify's known misreadings first (``_for_math_verify``:
 juxtaposed binomials added instead of multiplied, a final variable dropped as a unit, plain-text "pi"), and where
-``i`` is the only symbol they are also compared as complex numbers. ``tucka_llm.eval.metamath`` reproduces
-MetaMath's own scoring for comparison.
+``i`` is the only symbol they are also compared as complex numbers. MATH scoring must run on the main thread
+(math-verify's timeouts are signals). ``tucka_llm.eval.metamath`` reproduces MetaMath's own scoring for comparison.
 """
 
 from __future__ import annotations
 
 import re
+import threading
 from collections import deque
 from fractions import Fraction
 from typing import NamedTuple
@@ -66,6 +67,8 @@ _RESULT = re.compile(rf"=\s*({_NUMBER_PATTERN})")  # the result of a computation
 _LATEX_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]+)\}\s*\{([^{}]+)\}")
 # "\text{...}" with one level of braces inside; "[^}]*" would rescan to the end from every unclosed "\text{".
 _TEXT_OR_SIGN = re.compile(r"\\?[$%]|\\text\{(?:[^{}]|\{[^{}]*\})*\}")
+# MATH's longest gold answer has 81 characters; sympy spends seconds on some strings of a few hundred.
+_MAX_MATH_VERIFY_CHARS = 500
 _TIMEOUT_SECONDS = 5  # math-verify's own default for each parse and comparison
 # Where latex2sympy2_extended's mixed-number rule ("2\frac{1}{2}" = 5/2) also adds an integer to the integer-valued
 # factor after it: "2\binom{4}{2}" (8), "\binom{30}{3}\binom{20}{2}" (4250), "2(3)" (5), "3\left(\frac12\right)" (7/2).
@@ -203,7 +206,11 @@ RULES = ("marker", "boxed", *(rule for rule, _ in _LATER_RULES), "fallback")
 
 
 def is_correct(completion: str, gold: str, task: str) -> bool:
-    """Whether ``completion``'s answer equals ``gold`` (GSM8K: the number after "####"; MATH: the answer string)."""
+    """Whether ``completion``'s answer equals ``gold`` (GSM8K: the number after "####"; MATH: the answer string).
+
+    MATH scoring must run on the main thread (see ``answers_equivalent``); GSM8K scoring runs anywhere."""
+    if task == "math":
+        _check_main_thread()
     predicted = extract_answer(completion, task)
     if predicted is None:
         return False
@@ -229,12 +236,18 @@ def parse_number(text: str) -> Fraction | None:
 
 
 def answers_equivalent(predicted: str, gold: str) -> bool:
-    """MATH answers: equal for math-verify, or equal once normalised the MATH authors' way."""
+    """MATH answers: equal for math-verify, or equal once normalised the MATH authors' way.
+
+    Main thread only: math-verify bounds every parse and comparison with SIGALRM (5 s), which only the main thread
+    can receive, and an answer as short as ``10^{10^{10}}`` never finishes comparing without it."""
+    _check_main_thread()
     return _math_verify_equal(predicted, gold) or metamath.is_equiv(predicted, gold)
 
 
 def _math_verify_equal(predicted: str, gold: str) -> bool:
     """Equal for math-verify, around its known misreadings (``_for_math_verify``, ``_complex_equal``)."""
+    if max(len(predicted), len(gold)) > _MAX_MATH_VERIFY_CHARS:
+        return False
     from math_verify import parse, verify  # imported here: sympy's import costs a second
 
     parsed_gold = parse(f"${_for_math_verify(gold)}$")
@@ -287,6 +300,15 @@ def _complex_equal(gold: object, predicted: object) -> bool:
     except (TypeError, ValueError, OverflowError, TimeoutException):
         return False
     return abs(first - second) <= 1e-9 * max(1.0, abs(first), abs(second))
+
+
+def _check_main_thread() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            "MATH scoring (is_correct(..., 'math'), answers_equivalent) must run on the main thread: math-verify "
+            "bounds each comparison with SIGALRM, which only the main thread receives, and without it answers such "
+            "as 10^{10^{10}} never finish. Score in the main thread, or in worker processes."
+        )
 
 
 def _plain(text: str) -> str:
