@@ -98,6 +98,8 @@ FORMATS = [
     ("math", "Adding, $3 + 4 = 7$.\nFinal Answer: The final answer is $7$. I hope it is correct.", "7", "final-answer"),
     ("math", "Final Answer: The final answer is $(2, -1, 2).$ I hope it is correct.", "(2, -1, 2)", "final-answer"),
     ("math", "We simplify.\n\n**Final Answer:**\n$\\frac{1}{2}$", "\\frac{1}{2}", "final-answer"),
+    ("math", "**Final Answer**: **$\\frac{1}{2}$**.", "\\frac{1}{2}", "final-answer"),
+    ("math", "# Answer\r\n\r\n7\r\n", "7", "answer-heading"),  # Windows line ends
     ("gsm8k", "12 + 6 = 18.\nFinal Answer: The final answer is $18$. I hope it is correct.", "18", "final-answer"),
     ("math", "So $p = \\frac{1}{4}$.\n\n# Answer\n\n\\frac{1}{4}", "\\frac{1}{4}", "answer-heading"),  # PRM800K
     ("gsm8k", "He needs 3 * 4 = 12 eggs.\n\n# Answer\n\n12\n", "12", "answer-heading"),

@@ -24,9 +24,10 @@ MATH decides equivalence with math-verify (symbolic: "2x+1" equals "1+2x", "0.5"
 sets, matrices); when it cannot parse an answer, or does not find the two equal, the MATH authors' normalised string
 comparison (``metamath.is_equiv``) still accepts answers that are the same once normalised (units and "x =" prefixes
 removed, for example). Answers are rewritten around math-verify's known misreadings first (``_for_math_verify``:
-juxtaposed binomials added instead of multiplied, a final variable dropped as a unit, plain-text "pi"), and where
-``i`` is the only symbol they are also compared as complex numbers. MATH scoring must run on the main thread
-(math-verify's timeouts are signals). ``tucka_llm.eval.metamath`` reproduces MetaMath's own scoring for comparison.
+a factor written after an integer is added to it, as in ``2\\binom{4}{2}`` or ``2(3)``; a final variable named like
+a unit is dropped; plain-text "pi" is read p*i), and where ``i`` is the only symbol they are also compared as complex
+numbers. MATH scoring must run on the main thread (math-verify's timeouts are signals). ``tucka_llm.eval.metamath``
+reproduces MetaMath's own scoring for comparison.
 """
 
 from __future__ import annotations
@@ -45,9 +46,8 @@ _FINAL_ANSWER = re.compile(r"final answer(?:\*\*)?\s*:(?:\*\*)?", re.IGNORECASE)
 _FINAL_ANSWER_IS = re.compile(r"(?:the\s+)?final\s+answer\s+is\b\s*:?", re.IGNORECASE)
 _HOPE = re.compile(r"I hope it is correct", re.IGNORECASE)  # Minerva's closing sentence
 # [^\S\n]: a space on the same line. Quantified spaces are never next to another quantifier that also takes spaces.
-_HEADING = re.compile(
-    r"^[^\S\n]*(?:#{1,6}[^\S\n]*|\*\*)(?:final[^\S\n]+)?answer\b", re.I | re.M
-)  # "# Answer", "**Answer**"
+# "# Answer", "## Final Answer", "**Answer**" at the start of a line; the rest of the line is checked in Python.
+_HEADING = re.compile(r"^[^\S\n]*(?:#{1,6}[^\S\n]*|\*\*)(?:final[^\S\n]+)?answer\b", re.I | re.M)
 _HASHES = re.compile(r"^[^\S\n]*####(?!#)[^\S\n]*(\S[^\n]*)", re.MULTILINE)
 _ANSWER_LABEL = re.compile(r"(?:final\s+)?answer\b\s*:?", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
@@ -117,7 +117,7 @@ def _final_answer(text: str) -> str | None:
     found = _last(_FINAL_ANSWER, text)
     if found is None:
         return None
-    line = _first_line(text, found.end()).lstrip("*").strip()
+    line = _first_line(text, found.end())
     prefix = _FINAL_ANSWER_IS.match(line)
     line = line[prefix.end() :] if prefix else line
     hope = _HOPE.search(line)
@@ -130,7 +130,7 @@ def _answer_heading(text: str) -> str | None:
     if found is None:
         return None
     end = text.find("\n", found.end())
-    if end < 0 or text[found.end() : end].strip(" \t*:"):  # no next line, or not a heading ("# Answer the call")
+    if end < 0 or text[found.end() : end].strip(" \t\r*:"):  # no next line, or not a heading ("# Answer the call")
         return None
     return _clean(_first_line(text, end)) or None
 
