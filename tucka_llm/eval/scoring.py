@@ -13,7 +13,7 @@ The answer of a completion is read by the first of these rules (``RULES``) that 
 6. ``answer-is``: "The answer is $X$." or "the final answer is X" without a colon, only where that sentence ends the
    completion (a closing "I hope it is correct." aside) and X does not start with two words (prose).
 7. ``fallback`` (GSM8K only): the number of the final statement, the last sentence with a number: after its last
-   "=" if it has one, else the last of its numbers computed earlier (after an "="), else its last number.
+   "=" if it has one, else the first of its numbers computed earlier (after an "="), else its last number.
 
 Answers not in a box are cleaned alike: math delimiters (``$``, ``$$``, ``\\(\\)``, ``\\[\\]``), bold and a closing
 period or comma are removed, also inside the delimiters (``$(2, -1, 2).$`` reads ``(2, -1, 2)``).
@@ -167,8 +167,9 @@ def _final_statement_number(text: str) -> str | None:
     """GSM8K without a marked answer: the number of the final statement (the last sentence with a number).
 
     A computation states its result after its last "="; closing prose ("5 cars drove through the traffic jam in the
-    first 15 minutes.") also repeats numbers of the question, so of several, the last one computed earlier in the text
-    (written after an "=") is taken, else the last one."""
+    first 15 minutes.") also repeats numbers of the question, so of several, the first one computed earlier in the
+    text (written after an "=") is taken, else the last one. Without their "####" line, the 8,792 GSM8K solutions
+    read wrong 68 times this way, 246 times with the last number of the text."""
     plain = _plain(text)
     last_digit = max(plain.rfind(digit) for digit in "0123456789")  # found from the end: no scan of every number
     if last_digit < 0:
@@ -186,7 +187,7 @@ def _final_statement_number(text: str) -> str | None:
     numbers = [number.strip() for number in _NUMBER.findall(statement)]
     if len(numbers) > 1:
         computed = {_canonical(found[1]) for found in _RESULT.finditer(plain)}
-        numbers = [number for number in numbers if _canonical(number) in computed] or numbers
+        numbers = [number for number in numbers if _canonical(number) in computed][:1] or numbers
     return numbers[-1] if numbers else None
 
 
