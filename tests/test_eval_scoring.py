@@ -55,6 +55,27 @@ def test_math500_official_answers_equal_the_boxed_answers_of_their_solutions():
         assert is_correct(record["solution"], record["answer"], "math"), (boxed, record["answer"])
 
 
+# MATH-500's solutions with the box taken out and the answer stated the way other models state it.
+MATH_FORMATS = {
+    "final-answer": "{solution}\nFinal Answer: The final answer is ${answer}$. I hope it is correct.",
+    "answer-heading": "{solution}\n\n# Answer\n\n{answer}",
+    "hashes": "{solution}\n#### {answer}",
+    "answer-is": "{solution}\nThe answer is ${answer}$.",
+    "marker": "{solution}\nThe answer is: ${answer}.$",
+}
+
+
+def test_math500_answers_in_every_format_are_read_by_their_rule_and_score_right():
+    for record in read_jsonl("math", "math500_test.jsonl"):
+        boxed = metamath.last_boxed(record["solution"])
+        answer = metamath.remove_boxed(boxed)
+        solution = record["solution"].replace(boxed, answer).replace("\\boxed", "")
+        for rule, template in MATH_FORMATS.items():
+            completion = template.format(solution=solution, answer=answer)
+            assert extract_answer_with_rule(completion, "math").rule == rule, completion[-100:]
+            assert is_correct(completion, record["answer"], "math"), (rule, answer, record["answer"])
+
+
 @pytest.mark.parametrize(
     ("completion", "expected"),
     [
@@ -95,6 +116,7 @@ FORMATS = [
     ("math", "So $x = 2$, $y = -1$, $z = 2$.\nThe answer is: $(2, -1, 2).$", "(2, -1, 2)", "marker"),  # period inside $
     ("math", "The answer is: $\\frac{1}{2},$", "\\frac{1}{2}", "marker"),  # comma inside the delimiters
     ("math", "The answer is: \\(x^2 + 1\\).", "x^2 + 1", "marker"),
+    ("math", "The answer is: $\\$18.90.$", "\\$18.90", "marker"),  # an escaped dollar sign is not a delimiter
     ("math", "Hence $\\boxed{\\frac{\\sqrt{3}}{2}}$.", "\\frac{\\sqrt{3}}{2}", "boxed"),
     ("math", "Adding, $3 + 4 = 7$.\nFinal Answer: The final answer is $7$. I hope it is correct.", "7", "final-answer"),
     ("math", "Final Answer: The final answer is $(2, -1, 2).$ I hope it is correct.", "(2, -1, 2)", "final-answer"),
@@ -111,6 +133,7 @@ FORMATS = [
     ("math", "#### Answer: 7", "7", "hashes"),
     ("math", "Thus the answer is $\\frac{3}{4}$.", "\\frac{3}{4}", "answer-is"),
     ("math", "Therefore, the final answer is 12", "12", "answer-is"),
+    ("math", "So the answer is $11,\\! 111$.", "11,\\! 111", "answer-is"),  # "\\! " does not end a sentence
     ("math", "The final answer is $5$. I hope it is correct.", "5", "answer-is"),  # Minerva without "Final Answer:"
     ("gsm8k", "So the answer is 18 dollars.", "18 dollars", "answer-is"),
     ("gsm8k", "She pays 12 + 3 = 15 dollars in total.", "15", "fallback"),

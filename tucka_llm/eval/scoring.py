@@ -53,7 +53,7 @@ _ANSWER_LABEL = re.compile(r"(?:final\s+)?answer\b\s*:?", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z]{2,}")  # an answer that starts with a word is a heading ("#### Step 2")
 _PROSE = re.compile(r"[A-Za-z]+\s+[A-Za-z]{2,}")  # two words: "a multiple of 3", "not an integer"
-_SENTENCE_END = re.compile(r"[.!?]\s")
+_SENTENCE_END = re.compile(r"(?<!\\)[.!?]\s")  # not LaTeX's "\!" (a negative space: "11,\! 111")
 _NON_SPACE = re.compile(r"\S")
 _DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("**", "**"))
 # A number: sign, digits with or without thousands separators, decimals, optionally "/ denominator".
@@ -336,7 +336,8 @@ def _clean(answer: str) -> str:
         for opening, closing in _DELIMITERS:
             if len(answer) >= len(opening) + len(closing) and answer.startswith(opening) and answer.endswith(closing):
                 inner = answer[len(opening) : -len(closing)]
-                if opening not in inner and closing not in inner:
+                unescaped = inner.replace("\\$", "")  # "$\$18.90.$": a dollar sign inside the math
+                if opening not in unescaped and closing not in unescaped:
                     answer = inner.strip()
         if answer == before:
             return answer
