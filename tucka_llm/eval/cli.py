@@ -111,3 +111,5 @@ def main(task: str, argv: list[str] | None = None) -> None:
         f"{summary['accuracy_project']:.4f}, MetaMath {summary['accuracy_metamath']:.4f}) on {summary['n']} problems; "
         f"results in {options.output_dir()}"
     )
+    read = ", ".join(f"{rule} {count}" for rule, count in summary["extraction_rules"].items() if count)
+    print(f"answers read by: {read}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from tucka_llm.data import PROMPT_TEMPLATE, tokenizer_source
 from tucka_llm.eval import metamath
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
-from tucka_llm.eval.scoring import extract_answer, is_correct
+from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
 
 # MetaMath's evaluation conventions (method note, section 6).
 STEP_BY_STEP = " Let's think step by step."
@@ -212,8 +212,9 @@ def make_backend(options: EvalOptions) -> VLLMBackend | HFBackend:
 
 
 def score(options: EvalOptions, problem: Problem, generation: Generation, seconds: float) -> dict[str, Any]:
-    """The record of one problem: its completion, extracted answer and both verdicts."""
+    """The record of one problem: its completion, extracted answer, the rule that read it, and both verdicts."""
     task = options.task
+    extracted, rule = extract_answer_with_rule(generation.text, task)
     metamath_correct = (
         metamath.gsm8k_correct(generation.text, problem.gold)
         if task == "gsm8k"
@@ -223,7 +224,8 @@ def score(options: EvalOptions, problem: Problem, generation: Generation, second
         "id": problem.id,
         "prompt": options.prompt(problem.question),
         "completion": generation.text,
-        "extracted": extract_answer(generation.text, task),
+        "extracted": extracted,
+        "rule": rule,
         "gold": problem.gold,
         "correct": is_correct(generation.text, problem.gold, task),
         "correct_metamath": metamath_correct,
@@ -253,6 +255,7 @@ def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds:
         "correct": sum(r["correct"] for r in records),
         "correct_metamath": sum(r["correct_metamath"] for r in records),
         "extraction_failures": sum(r["extracted"] is None for r in records),
+        "extraction_rules": extraction_rules(records),
         "truncated": sum(r["finish_reason"] == "length" for r in records),
         "generated_tokens": tokens,
         "tokens_per_s": tokens / generation_seconds if generation_seconds else None,
@@ -267,6 +270,13 @@ def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds:
         summary["by_subject"] = _breakdown(records, "subject", verdict)
         summary["by_level"] = _breakdown(records, "level", verdict)
     return summary
+
+
+def extraction_rules(records: list[dict[str, Any]]) -> dict[str, int]:
+    """How many answers each rule of ``scoring.RULES`` read, in that order, and "none" for completions without one;
+    records written before rules were recorded count as "unrecorded"."""
+    counts = Counter("unrecorded" if "rule" not in r else r["rule"] or "none" for r in records)
+    return {rule: counts.pop(rule, 0) for rule in (*RULES, "none")} | dict(counts)
 
 
 def _breakdown(records: list[dict[str, Any]], key: str, verdict: str) -> dict[str, dict[str, float]]:
