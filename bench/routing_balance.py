@@ -24,6 +24,7 @@ routed the same way with their trained centroids. The issue's target for the def
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import math
@@ -129,7 +130,10 @@ def main() -> None:
         model = peft.get_peft_model(base, config)
         if not features:
             features = {pool: features_of(model, rows, tokenizer) for pool, rows in held_out_pools().items()}
+        (layer,) = routing_layers(model).values()
+        state = layer.tucka_state["default"]
         for seed in range(FIRST_SEED, FIRST_SEED + args.seeds):
+            state.router = dataclasses.replace(state.router, seed=seed)  # the redraw router's draws, as training sets
             for data in ("gsm8k", "mix"):
                 tucka_llm.data_aware_init(model, calibration(data, seed), seed)
                 for column, pool, _ in [c for c in COLUMNS if c[2] == data]:
