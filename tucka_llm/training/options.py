@@ -182,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-normalize-gates",
         dest="normalize_gates",
         action="store_false",
-        help="TuckA: gates not divided by their sum (the authors' code; paper Eq. 8 divides)",
+        help="TuckA: gates not divided by their sum, as in the authors' code (paper Eq. 8 divides them; without "
+        "this flag normalize_gates=%(default)s)",
     )
     method.add_argument(
         "--perturb-scale", type=float, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
