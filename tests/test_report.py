@@ -19,7 +19,7 @@ from tucka_llm import report
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 TOKENS_PER_S = [100.0 + 10 * i for i in range(STEPS - 1)]  # steps 2..20; the first log has no throughput
-TUCKA_PARAMS = 4 * 64 + 3 * 2 * 2 + 64 * 4  # the tensors saved below
+TUCKA_PARAMS = 4 * 64 + 3 * 2 * 2 + 64 * 4  # the trained tensors saved below (not e_bar)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -67,6 +67,7 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
     """A finished TuckA run evaluated on GSM8K through its merged checkpoint, an unfinished LoRA run evaluated as an
     adapter on MATH-500, and the base model evaluated before training."""
     tucka_adapter = {"a": torch.zeros(4, 64), "core": torch.zeros(3, 2, 2), "b": torch.zeros(64, 4)}
+    tucka_adapter["q_proj.tucka_center"] = torch.zeros(64)  # e_bar: saved with the adapter, never trained
     tucka = make_run(tmp_path / "tucka-r4", {"method": "tucka", "r": 4, "k": 3}, metrics(True), tucka_adapter)
     lora = make_run(tmp_path / "lora-r8", {"method": "lora", "lora_r": 8}, metrics(False), None)
     base, merged = tmp_path / "SmolLM2-135M-Instruct", tmp_path / "m_tucka"
@@ -110,7 +111,7 @@ def test_method_labels_name_the_method_and_its_rank(dirs, tmp_path):
     assert report.method_label({"method": "dora", "r": 16, "lora_r": 32}) == "DoRA r32"
 
 
-def test_trainable_params_count_the_adapter_tensors_and_are_unknown_before_the_run_finished(dirs, tmp_path):
+def test_trainable_params_count_the_trained_adapter_tensors_and_are_unknown_before_the_run_finished(dirs, tmp_path):
     rows = table_rows(report.write_report([dirs["tucka"], dirs["lora"]], tmp_path / "out")[0])
 
     assert rows["tucka-r4"]["trainable params"] == f"{TUCKA_PARAMS:,}" == "524"

@@ -130,14 +130,19 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+FROZEN_ADAPTER_TENSORS = ("tucka_center",)  # saved with a TuckA adapter but never trained (e_bar, a buffer)
+
+
 def trainable_parameters(run_dir: Path) -> int | None:
-    """Elements of all tensors in the final adapter, read from the safetensors header; None before the run ends."""
+    """Elements of the trained tensors in the final adapter (all but FROZEN_ADAPTER_TENSORS), read from the
+    safetensors header; None before the run ends."""
     path = run_dir / ADAPTER_WEIGHTS
     if not path.is_file():
         return None
     try:
         with safe_open(path, framework="pt") as weights:
-            return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())  # noqa: SIM118
+            names = [name for name in weights.keys() if not any(f in name for f in FROZEN_ADAPTER_TENSORS)]  # noqa: SIM118
+            return sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
     except (OSError, SafetensorError) as error:
         raise ReportError(f"cannot read {path}: {error}") from None
 
