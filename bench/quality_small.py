@@ -57,7 +57,6 @@ def measure(base: Path, run: Path, batches: list[dict[str, torch.Tensor]]) -> di
     """Everything the table needs from one finished run (see the module docstring)."""
     train_losses = series(read_metrics(run / "train" / "metrics.jsonl"), "loss")[1]
     result: dict[str, object] = {
-        "params": trainable_parameters(run / "train"),
         "train_loss_first": train_losses[0],
         "train_loss_last10": statistics.mean(train_losses[-10:]),
     }
@@ -95,8 +94,12 @@ def spread(values: list[float]) -> str:
 def print_tables(work: Path, variants: list[str], seeds: list[int], base_loss: float, held_out: int) -> None:
     results: dict[str, list[dict]] = {}
     for name in variants:
-        done = [work / f"{name}-seed{s}" / "measure.json" for s in seeds]
-        results[name] = [json.loads(p.read_text()) for p in done if p.is_file()]
+        done = [work / f"{name}-seed{s}" for s in seeds]
+        results[name] = [
+            json.loads((run / "measure.json").read_text()) | {"params": trainable_parameters(run / "train")}
+            for run in done
+            if (run / "measure.json").is_file()
+        ]
     print(f"\nHeld-out loss: first {held_out} GSM8K test problems; mean ± half-range over seeds (n = runs finished)\n")
     print("| model | n | params | unmerged (sequence routing) | merged (default route) | unmerged vs LoRA | "
           "held-out routing entropy | training routing entropy |")  # fmt: skip
