@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -16,6 +17,7 @@ from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
 from tucka_llm.training.run import RunError, gradient_accumulation
+from tucka_llm.training.trainer import NonFiniteError, RunTrainer, metrics_line
 from tucka_llm.tucka.config import width_scaled_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +180,43 @@ def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(tiny_model, tmp_
     )
     with pytest.raises(RunError, match=r"--optim adamw_8bit needs bitsandbytes: pip install '\.\[quant\]'"):
         run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--optim", "adamw_8bit")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--lr", "inf"), ("--lr", "nan"), ("--weight-decay", "nan"), ("--perturb-scale", "nan"),
+     ("--max-grad-norm", "nan"), ("--max-grad-norm", "inf"), ("--lora-alpha", "inf"), ("--epochs", "inf")],
+)  # fmt: skip
+def test_non_finite_flag_values_are_refused_by_name(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse_options([flag, value])
+    assert f"argument {flag}: must be a finite number" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_checkpoints_before_it(tiny_model, tmp_path):
+    real = RunTrainer.compute_loss
+
+    def nan_from_step_3(self, *args, **kwargs):  # what a diverging run does: a NaN loss, NaN gradients
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 2 else loss
+
+    output = tmp_path / "out"
+    stops = pytest.raises(NonFiniteError, match=r"^step 3: the training loss and the gradient norm \(nan\) .*not fin")
+    with patch.object(RunTrainer, "compute_loss", nan_from_step_3), stops:
+        run(tiny_model, output, "--data", "gsm8k-train", "--num-examples", "4", "--max-len", "128",
+            "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1")  # fmt: skip
+    assert_not_finished(output)
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-2"]
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=float_not_allowed)["step"] for line in lines] == [1, 2]
+
+
+def float_not_allowed(name: str) -> None:
+    raise AssertionError(f"bare {name} in metrics.jsonl: not JSON")
+
+
+def test_metrics_lines_write_non_finite_values_as_null():
+    line = metrics_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 1e-3})
+    assert json.loads(line, parse_constant=float_not_allowed) == {
+        "step": 3, "loss": None, "grad_norm": None, "learning_rate": 1e-3
+    }  # fmt: skip

@@ -72,8 +72,12 @@ class TrainOptions:
 
 
 def _positive(kind: type) -> Any:
+    """A flag's parser for a number > 0; a float must also be finite (nan or inf would train silently to NaN)."""
+
     def parse(text: str) -> Any:
         value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -82,13 +86,24 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _non_negative(text: str) -> float:
+    """A flag's parser for a finite float >= 0 (weight decay, clipping norm, DAI perturbation)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+_non_negative.__name__ = "float"
+
+
 def _alpha(text: str) -> float | str:
     if text == "auto":
         return text
-    value = _positive(float)(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number > 0, got {text}")
-    return value
+    try:
+        return _positive(float)(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number > 0, got {text}") from None
 
 
 _alpha.__name__ = "alpha"
@@ -185,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="TuckA: gates not divided by their sum (the authors' code; paper Eq. 8 divides)",
     )
     method.add_argument(
-        "--perturb-scale", type=float, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
+        "--perturb-scale", type=_non_negative, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
     )
     method.add_argument(
         "--dai-samples",
@@ -225,8 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=_positive(float), default=d.lr, help="peak learning rate")
     opt.add_argument("--lr-scheduler", default=d.lr_scheduler, help="transformers scheduler name")
     opt.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of steps of linear warmup")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    opt.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
+    opt.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--max-grad-norm", type=_non_negative, default=d.max_grad_norm, help="gradient clipping (0: none)")
     opt.add_argument(
         "--optim",
         choices=OPTIMIZERS,

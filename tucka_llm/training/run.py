@@ -233,6 +233,7 @@ def training_arguments(
         save_total_limit=None,  # RunTrainer rotates, counting complete checkpoints only
         report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss stays visible (and stops the run: RunTrainer)
         remove_unused_columns=False,
         disable_tqdm=False,
     )
