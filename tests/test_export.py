@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,13 @@ import peft
 import pytest
 import torch
 from conftest import PROMPTS, TUCKA_CONFIG, save_adapter, tiny_llama_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tucka_llm
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import routing_states
@@ -358,3 +360,39 @@ def test_command_line_errors_are_one_line_without_traceback(adapters, tmp_path):
         "error: --route: group 7 is out of range; this adapter has k=3 groups: 0..2."
     )
     assert "Traceback" not in result.stderr
+
+
+def base_of_depth(path: Path, layers: int) -> Path:
+    """The tiny Llama's width with another number of decoder layers."""
+    config = tiny_llama_config()
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_base_of_another_depth_is_refused_naming_the_layers_by_export_and_eval(adapters, tmp_path):
+    deeper, shallower = base_of_depth(tmp_path / "deeper", 3), base_of_depth(tmp_path / "shallower", 1)
+    for method in ("tucka", "lora"):
+        with pytest.raises(ExportError, match=r"does not fit --base .*deeper: the base has adapted layers it holds no "
+                                              r"weights for \(layers 2\)\. Pass the base model"):  # fmt: skip
+            export_merged(adapters[method], tmp_path / "out", base=str(deeper))
+        with pytest.raises(ExportError, match=r"holds weights for layers the base does not have \(layers 1\)"):
+            export_merged(adapters[method], tmp_path / "out", base=str(shallower))
+        with pytest.raises(EvalError, match=r"does not fit --model .*deeper: the base has adapted layers .*layers 2"):
+            HFBackend(str(deeper), adapter=str(adapters[method]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_with_non_finite_weights_is_refused_by_export_and_eval(adapters, tiny_model, tmp_path):
+    diverged = tmp_path / "diverged"
+    shutil.copytree(adapters["lora"], diverged)
+    weights = load_file(diverged / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, diverged / "adapter_model.safetensors")
+    with pytest.raises(ExportError, match=rf"--adapter {diverged}: 1 of its tensors hold NaN or inf values \({name}\)"):
+        export_merged(diverged, tmp_path / "out")
+    with pytest.raises(EvalError, match=r"hold NaN or inf values"):
+        HFBackend(str(tiny_model), adapter=str(diverged))
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -121,9 +122,7 @@ class HFBackend:
         batch_size: int = 8,
         device: str | None = None,
     ) -> None:
-        import peft
-
-        import tucka_llm  # noqa: F401  (registers TuckA with peft)
+        from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
@@ -134,7 +133,10 @@ class HFBackend:
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
         if adapter is not None:
-            network = peft.PeftModel.from_pretrained(network, adapter)
+            try:
+                network = load_checked_adapter(network, Path(adapter), "--model")
+            except AdapterLoadError as error:
+                raise EvalError(str(error)) from error
         self.model = network.eval()
 
     @torch.no_grad()

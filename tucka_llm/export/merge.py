@@ -20,11 +20,11 @@ from typing import Any
 import peft
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
+from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
@@ -168,17 +168,12 @@ def load_base(base: str) -> PreTrainedModel:
 
 
 def load_adapter(model: PreTrainedModel, adapter: Path) -> peft.PeftModel:
-    """The adapter on ``model`` (adapter weights in fp32); a base of other shapes is an error naming both."""
+    """The adapter on ``model`` (adapter weights in fp32); a base it does not fit, a non-finite or unreadable
+    adapter is an error naming the layers or the file (``load_checked_adapter``)."""
     try:
-        return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        text = str(error)
-        if "size mismatch" in text or "shape" in text or "not found" in text.lower():
-            raise ExportError(
-                f"--adapter {adapter} does not fit --base {model.name_or_path}: {text.strip().splitlines()[-1]} "
-                "Pass the base model the adapter was trained on."
-            ) from error
-        raise ExportError(f"--adapter {adapter}: could not load it onto {model.name_or_path} ({text}).") from error
+        return load_checked_adapter(model, adapter, "--base")
+    except AdapterLoadError as error:
+        raise ExportError(str(error)) from error
 
 
 def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
