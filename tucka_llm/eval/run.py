@@ -23,6 +23,7 @@ from tucka_llm.eval import metamath
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
+from tucka_llm.locking import exclusive_directory
 
 # MetaMath's evaluation conventions (method note, section 6).
 STEP_BY_STEP = " Let's think step by step."
@@ -105,7 +106,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     check_model(options)
     problems = load_problems(options.task, options.data, options.limit, options.data_split, options.data_config)
     output = options.output_dir()
-    output.mkdir(parents=True, exist_ok=True)
+    with exclusive_directory(output, f"--output {output}"):  # one evaluation appends to responses.jsonl at a time
+        return _evaluate(options, problems, output)
+
+
+def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> dict[str, Any]:
+    """``evaluate`` once the model and problems are checked and ``output`` is locked."""
     check_settings(output, options.settings())
     records = read_records(output / RESPONSES)
     todo = [p for p in problems if p.id not in records]

@@ -29,6 +29,7 @@ from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_t
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
+from tucka_llm.locking import LOCK_FILE, exclusive
 from tucka_llm.tucka.dai import calibration_features
 from tucka_llm.tucka.model import routing
 
@@ -77,6 +78,26 @@ def export_merged(
     base = base or config.base_model_name_or_path
     if not base:
         raise ExportError(f"--adapter {adapter}: its adapter_config.json records no base model; pass --base.")
+    # One export to an --out at a time: the lock sits beside it, since the checkpoint replaces --out as a whole.
+    with exclusive(out.parent / f".{out.name}{LOCK_FILE}", f"--out {out}"):
+        return _export(adapter, out, config, base, route, dtype, calibration_data, calibration_samples, device,
+                       max_shard_size, force)  # fmt: skip
+
+
+def _export(
+    adapter: Path,
+    out: Path,
+    config: peft.PeftConfig,
+    base: str,
+    route: str | None,
+    dtype: str,
+    calibration_data: str | None,
+    calibration_samples: int,
+    device: str | None,
+    max_shard_size: str,
+    force: bool,
+) -> ExportResult:
+    """``export_merged`` once its flags are read and ``out`` is locked."""
     check_output(out, force, inputs=[adapter, Path(base)])
     method = adapter_method(config)
     spec = RouteSpec.parse(route or DEFAULT_ROUTE)

@@ -7,6 +7,7 @@ the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI v
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -33,6 +34,7 @@ import tucka_llm
 from tucka_llm.atomic import atomic_write_json, atomic_write_text
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.locking import LOCK_FILE, exclusive_directory
 from tucka_llm.training import checkpoints
 from tucka_llm.training.adapters import add_adapter, load_base_model, router_centers, router_centroids
 from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
@@ -137,7 +139,7 @@ def check_output(output: Path, options: TrainOptions) -> Path | None:
     """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None)."""
     finished = all((output / name).is_file() for name in FINAL_FILES_LAST)
     if not options.resume:
-        if output.exists() and any(output.iterdir()):
+        if output.exists() and any(p.name != LOCK_FILE for p in output.iterdir()):
             raise RunError(
                 f"--output {output} is not empty: pass --resume to continue the run in it, or choose another --output."
             )
@@ -248,6 +250,17 @@ def train(options: TrainOptions) -> Path | None:
     ds_config = load_ds_config(options)
     if world_size > 1 and ds_config is None:
         raise RunError("Several ranks need DeepSpeed: pass --ds ds_configs/zero2.json (or another config).")
+    # Rank 0 holds --output's lock for the whole run (the other ranks write only what rank 0 lets them, after
+    # barriers): a second run on the same directory, even one started while these ranks outlive their launcher,
+    # is refused with this rank's pid.
+    with exclusive_directory(output, f"--output {output}") if rank == 0 else contextlib.nullcontext():
+        return _train(options, output, rank, world_size, grad_accum, ds_config)
+
+
+def _train(
+    options: TrainOptions, output: Path, rank: int, world_size: int, grad_accum: int, ds_config: dict | None
+) -> Path | None:
+    """``train`` once the options are checked and, on rank 0, --output is locked."""
     resume_from = check_output(output, options)
     if ds_config is not None:
         import deepspeed
