@@ -220,3 +220,34 @@ def test_command_line_errors_are_one_line(merged_tiny, tmp_path):
     assert result.returncode == 2 and "invalid choice: 'tgi'" in result.stderr
     result = run_script("gsm8k.py", "--model", merged_tiny, "--adapter", tmp_path, "--backend", "vllm")
     assert result.stderr.strip().splitlines()[-1].startswith("error: --adapter needs --backend hf")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("temperature", -1.0, r"--temperature must be a finite number >= 0"),
+        ("temperature", float("nan"), r"--temperature must be a finite number >= 0"),
+        ("top_p", 0.0, r"--top-p must be in \(0, 1\]"),
+        ("dtype", "float8", r"--dtype float8: unknown; choose one of auto, bfloat16"),
+        ("prompt_template", "Q: {query} {oops}", r"--prompt-template: not a template with only a \{query\} field"),
+        ("prompt_template", "Q: {}", r"--prompt-template: not a template"),
+        ("prompt_template", "Q:", r"--prompt-template must contain \{query\}"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(merged_tiny, tmp_path, setting, value, message):
+    options = EvalOptions(task="gsm8k", model=str(merged_tiny), data="gsm8k", backend="hf", output=str(tmp_path / "o"))
+    setattr(options, setting, value)
+    with pytest.raises(EvalError, match=message):
+        evaluate(options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_without_results_takes_the_corrected_settings(merged_tiny, tmp_path):
+    options = EvalOptions(
+        task="gsm8k", model=str(merged_tiny), data="gsm8k", limit=1, backend="hf", max_new_tokens=4,
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    (tmp_path / "out").mkdir()  # what a run with a bad --dtype left before the model failed to load
+    (tmp_path / "out" / "eval_settings.json").write_text(json.dumps(options.settings() | {"dtype": "float8"}))
+    assert evaluate(options)["n"] == 1
+    assert json.loads((tmp_path / "out" / "eval_settings.json").read_text())["dtype"] == "auto"

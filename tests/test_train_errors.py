@@ -220,3 +220,46 @@ def test_metrics_lines_write_non_finite_values_as_null():
     assert json.loads(line, parse_constant=float_not_allowed) == {
         "step": 3, "loss": None, "grad_norm": None, "learning_rate": 1e-3
     }  # fmt: skip
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_a_directory_a_new_run_can_use(tiny_model, tmp_path):
+    real = RunTrainer.compute_loss
+    output = tmp_path / "out"
+    flags = ["--data", "gsm8k-train", "--num-examples", "4", "--max-len", "128", "--logging-steps", "1"]
+    with (
+        patch.object(RunTrainer, "compute_loss", lambda *a, **k: real(*a, **k) * float("nan")),
+        pytest.raises(NonFiniteError, match=r"^step 1: "),
+    ):
+        run(tiny_model, output, *flags)
+    assert (output / "run_config.json").is_file() and (output / "tucka_router_calibration.safetensors").is_file()
+    run(tiny_model, output, *flags)  # the corrected command: no "not empty", no --resume needed
+    assert (output / "adapter_model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([], r"must hold a JSON object \(\{\.\.\.\}\), not list"),
+        ({"zero_optimization": 2}, r"zero_optimization must be an object, got 2"),
+        ({"zero_optimization": {"stage": "two"}}, r"zero_optimization is not valid for DeepSpeed: stage: .*\"two\""),
+        (
+            {"zero_optimization": {"stage": 2, "bucket": 1}},
+            r"zero_optimization is not valid for DeepSpeed: bucket: Extra inputs",
+        ),
+    ],
+)
+def test_a_bad_deepspeed_config_is_refused_in_one_line_before_anything_is_written(
+    tiny_model, tmp_path, config, message
+):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(config))
+    with pytest.raises(RunError, match=rf"^--ds {ds}: {message}") as refused:
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--ds", str(ds))
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_lr_scheduler_is_refused_before_anything_is_written(capsys):
+    with pytest.raises(SystemExit):
+        parse_options(["--lr-scheduler", "bogus"])
+    assert "--lr-scheduler bogus: unknown; choose one of linear, cosine," in capsys.readouterr().err

@@ -101,8 +101,6 @@ def main(task: str, argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
     )
-    if "{query}" not in options.prompt_template:
-        parser.error("--prompt-template must contain {query}, where the question goes.")
     try:
         summary = evaluate(options)
     except (EvalError, DataError, OutputInUse) as error:

@@ -7,6 +7,7 @@ rewritten (atomically) from all records at the end of every run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -36,6 +37,7 @@ RESPONSES = "responses.jsonl"
 SUMMARY = "summary.json"
 SETTINGS = "eval_settings.json"
 SCORINGS = ("project", "metamath")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -85,6 +87,24 @@ class EvalOptions:
             return Path("eval") / f"{self.model.replace('/', '_')}-{data_name}"
         return evaluated.parent / f"{evaluated.name}-eval-{data_name}"
 
+    def check(self) -> None:
+        """Refuse settings that would fail only once the model is loaded, before anything is written."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EvalError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise EvalError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.dtype not in DTYPES:
+            raise EvalError(f"--dtype {self.dtype}: unknown; choose one of {', '.join(DTYPES)}.")
+        try:
+            filled = self.prompt_template.format(query="\0")
+        except (KeyError, IndexError, ValueError) as error:
+            raise EvalError(
+                f"--prompt-template: not a template with only a {{query}} field ({type(error).__name__}: {error}); "
+                "write other braces as {{ and }}."
+            ) from None
+        if "\0" not in filled:
+            raise EvalError("--prompt-template must contain {query}, where the question goes.")
+
     def settings(self) -> dict[str, Any]:
         """What decides the completions: a resumed run must have the same."""
         return {
@@ -103,6 +123,7 @@ class EvalOptions:
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Run (or resume) the evaluation in ``options``; return the summary also written to ``summary.json``."""
+    options.check()
     check_model(options)
     problems = load_problems(options.task, options.data, options.limit, options.data_split, options.data_config)
     output = options.output_dir()
@@ -112,8 +133,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> dict[str, Any]:
     """``evaluate`` once the model and problems are checked and ``output`` is locked."""
-    check_settings(output, options.settings())
     records = read_records(output / RESPONSES)
+    check_settings(output, options.settings(), has_results=bool(records))
     todo = [p for p in problems if p.id not in records]
     started = time.perf_counter()
     if todo:
@@ -164,11 +185,15 @@ def check_model(options: EvalOptions) -> None:
             raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
 
 
-def check_settings(output: Path, settings: dict[str, Any]) -> None:
-    """Record the settings of a new output directory; refuse to resume one made with different settings."""
+def check_settings(output: Path, settings: dict[str, Any], has_results: bool) -> None:
+    """Record the settings of a new output directory; refuse to resume one made with different settings.
+
+    A directory without results (a run that failed before its first chunk) takes the new settings: it holds no
+    work they could mix with.
+    """
     path = output / SETTINGS
     settings = json.loads(json.dumps(settings))  # compared as stored: tuples become lists
-    if path.is_file():
+    if path.is_file() and has_results:
         previous = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key in settings | previous if settings.get(key) != previous.get(key))
         if changed:

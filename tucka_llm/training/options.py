@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from transformers import SchedulerType
+
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
 from tucka_llm.tucka.routing import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
 PRECISIONS = ("bf16", "fp32")
+SCHEDULERS = tuple(s.value for s in SchedulerType)  # transformers' names, checked before anything is written
 REFERENCE_GLOBAL_BATCH = 32  # sequences per optimizer step in the paper's run (section 6 of the method notes)
 
 
@@ -291,6 +294,8 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
         parser.error(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}.")
     if not 0 <= options.lora_dropout < 1:
         parser.error(f"--lora-dropout must be in [0, 1), got {options.lora_dropout}.")
+    if options.lr_scheduler not in SCHEDULERS:
+        parser.error(f"--lr-scheduler {options.lr_scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}.")
     if options.ds is not None and not Path(options.ds).is_file():
         parser.error(f"--ds {options.ds}: no such file (the configs are in ds_configs/).")
     return options

@@ -54,6 +54,9 @@ logger = logging.getLogger("tucka_llm")
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 FINAL_FILES_LAST = ("adapter_config.json", "adapter_model.safetensors")  # their presence means "finished"
+# What a run writes before its first complete checkpoint (with the lock and the final adapter's staging folder):
+# a directory holding only these has no finished work, and a new run may start over it.
+LEFTOVERS = {LOCK_FILE, RUN_CONFIG, METRICS, ROUTER_CALIBRATION, "tensorboard", "checkpoints", ".final.tmp"}
 # Flags that may change between an interrupted run and its --resume without changing what is computed.
 RESUMABLE_CHANGES = {"resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
 
@@ -107,12 +110,37 @@ def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
         config = json.loads(Path(options.ds).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise RunError(f"--ds {options.ds}:{error.lineno}: not valid JSON ({error.msg}).") from error
+    except UnicodeDecodeError as error:
+        raise RunError(f"--ds {options.ds}: not UTF-8 text ({error.reason} at byte {error.start}).") from error
+    check_ds_config(config, options.ds)
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offload and options.optim == "adamw_8bit":
         raise RunError(f"--optim adamw_8bit cannot run with the optimizer offloaded to the CPU by --ds {options.ds}.")
     if "optimizer" in config and options.optim != "adamw_torch":
         raise RunError(f"--ds {options.ds} defines its own optimizer; drop --optim {options.optim} or that section.")
     return config
+
+
+def check_ds_config(config: Any, path: str) -> None:
+    """Refuse, before anything is written, a DeepSpeed config that the engine would reject only after the run
+    directory was set up: not a JSON object, or a ``zero_optimization`` section DeepSpeed's own schema refuses
+    (unknown keys, a stage that is not 0-3, wrong types). "auto" values are left to the Trainer to fill."""
+    if not isinstance(config, dict):
+        raise RunError(f"--ds {path}: must hold a JSON object ({{...}}), not {type(config).__name__}.")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise RunError(f"--ds {path}: zero_optimization must be an object, got {json.dumps(zero)}.")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**{key: value for key, value in zero.items() if value != "auto"})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {json.dumps(e.get('input'), default=str)})"
+            for e in error.errors()
+        )
+        raise RunError(f"--ds {path}: zero_optimization is not valid for DeepSpeed: {problems}.") from None
 
 
 def _zero_stage(ds_config: dict[str, Any] | None) -> int:
@@ -136,10 +164,18 @@ def keep_adapter_whole(ds_config: dict[str, Any], model: torch.nn.Module) -> Non
 
 
 def check_output(output: Path, options: TrainOptions) -> Path | None:
-    """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None)."""
+    """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None).
+
+    A new run may start over a directory that holds no finished work: only what a run that failed before its
+    first complete checkpoint leaves (``LEFTOVERS``), which rank 0 then clears. Anything else needs --resume or
+    another --output.
+    """
     finished = all((output / name).is_file() for name in FINAL_FILES_LAST)
     if not options.resume:
-        if output.exists() and any(p.name != LOCK_FILE for p in output.iterdir()):
+        if output.exists() and (
+            any(p.name not in LEFTOVERS for p in output.iterdir())
+            or checkpoints.latest_complete(output / "checkpoints") is not None
+        ):
             raise RunError(
                 f"--output {output} is not empty: pass --resume to continue the run in it, or choose another --output."
             )
@@ -270,7 +306,10 @@ def _train(
     _unlink_cpu_allreduce_buffer(rank)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        _prepare_resume(output, resume_from)
+        if options.resume:
+            _prepare_resume(output, resume_from)
+        else:
+            _clear_leftovers(output)
 
     tokenizer = load_tokenizer(options)
     with main_process_first(rank):
@@ -372,6 +411,16 @@ def _prepare_resume(output: Path, resume_from: Path | None) -> None:
         step = checkpoints.completed_step(resume_from) if resume_from else 0
         kept = [line for line in metrics.read_text(encoding="utf-8").splitlines() if _step_of(line) <= step]
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
+
+
+def _clear_leftovers(output: Path) -> None:
+    """Rank 0, new run: remove what a run that failed before its first complete checkpoint left (``LEFTOVERS``)."""
+    for name in sorted(LEFTOVERS - {LOCK_FILE}):
+        path = output / name
+        if not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info("removed %s, left by a run that stopped before its first complete checkpoint", path)
 
 
 def _step_of(line: str) -> float:
