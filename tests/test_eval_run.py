@@ -17,7 +17,15 @@ from tucka_llm.data import DataError
 from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend
 from tucka_llm.eval.problems import Problem, load_problems
-from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate, extraction_rules, score, summarise
+from tucka_llm.eval.run import (
+    METAMATH_STOP,
+    EvalOptions,
+    evaluate,
+    extraction_rules,
+    read_records,
+    score,
+    summarise,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}
@@ -251,3 +259,17 @@ def test_an_output_without_results_takes_the_corrected_settings(merged_tiny, tmp
     (tmp_path / "out" / "eval_settings.json").write_text(json.dumps(options.settings() | {"dtype": "float8"}))
     assert evaluate(options)["n"] == 1
     assert json.loads((tmp_path / "out" / "eval_settings.json").read_text())["dtype"] == "auto"
+
+
+def test_a_record_cut_anywhere_is_dropped_and_the_next_one_starts_on_its_own_line(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    first = json.dumps({"id": "1", "completion": "x = 2 → 4"}, ensure_ascii=False) + "\n"
+    second = (json.dumps({"id": "2", "completion": "→ é"}, ensure_ascii=False) + "\n").encode()
+    cut_in_a_character = second.index("→".encode()) + 1
+    for cut in (cut_in_a_character, len(second) - 1):  # inside a 3-byte character; just before its newline
+        path.write_bytes(first.encode() + second[:cut])
+        assert list(read_records(path)) == ["1"]
+        assert path.read_bytes() == first.encode()  # the next record is appended on a line of its own
+    path.write_bytes(first.encode() + b'{"id": "\xe2\x86"}\n' + second)
+    with pytest.raises(EvalError, match=rf"^{path}:2: not a JSON record; delete the line"):
+        read_records(path)

@@ -206,19 +206,21 @@ def check_settings(output: Path, settings: dict[str, Any], has_results: bool) ->
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The finished records by problem id; a half-written last line (an interrupted run) is dropped."""
+    """The finished records by problem id. Records are appended one line at a time, so a last line without its
+    newline is one an interrupted run was writing: it is cut off the file (wherever the cut fell, inside a
+    multi-byte character too) and generated again. Lines are decoded one by one."""
     records: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return records
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(complete))
+    for number, line in enumerate(complete.splitlines(), start=1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # cut off mid-write: forget it, it is generated again
-                with path.open("r+", encoding="utf-8") as f:
-                    f.truncate(sum(len(x.encode("utf-8")) for x in lines[:-1]))
-                break
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise EvalError(
                 f"{path}:{number}: not a JSON record; delete the line (or the file) and run again."
             ) from None
