@@ -13,6 +13,7 @@ from unittest.mock import patch
 import pytest
 
 from tucka_llm.data import DataError
+from tucka_llm.eval.problems import load_problems
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
@@ -263,3 +264,13 @@ def test_an_unknown_lr_scheduler_is_refused_before_anything_is_written(capsys):
     with pytest.raises(SystemExit):
         parse_options(["--lr-scheduler", "bogus"])
     assert "--lr-scheduler bogus: unknown; choose one of linear, cosine," in capsys.readouterr().err
+
+
+def test_data_that_is_not_utf8_is_refused_naming_the_line_by_training_and_evaluation(tiny_model, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"query": "1+1?", "response": "The answer is: 2"}\n{"query": "caf\xe9?", "response": "3"}\n')
+    message = rf"^{data}:2: not UTF-8 text \(byte 0xe9 at column 15\); save the file as UTF-8\.$"
+    with pytest.raises(DataError, match=message):
+        run(tiny_model, tmp_path / "out", "--data", str(data))
+    with pytest.raises(DataError, match=message):
+        load_problems("gsm8k", str(data))
