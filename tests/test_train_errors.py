@@ -274,3 +274,40 @@ def test_data_that_is_not_utf8_is_refused_naming_the_line_by_training_and_evalua
         run(tiny_model, tmp_path / "out", "--data", str(data))
     with pytest.raises(DataError, match=message):
         load_problems("gsm8k", str(data))
+
+
+def test_resume_refuses_an_unreadable_run_config_or_another_world_size_in_one_line(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    options = parse_options(["--model", str(tiny_model), "--output", str(output), "--resume"])
+    (output / "run_config.json").write_text('{"options": {"model": "x", ')  # cut short
+    with pytest.raises(
+        RunError, match=r"^--resume: .*run_config\.json is unreadable \(JSONDecodeError: .*another --output"
+    ):
+        train(options)
+    (output / "run_config.json").write_text(json.dumps({"options": options.to_dict(), "world_size": 2}))
+    with pytest.raises(RunError, match=r"^--resume: the run in .* was started on 2 ranks, now 1; resume it on 2"):
+        train(options)
+
+
+def test_a_moved_run_resumes_from_its_newest_checkpoint_whose_marker_is_whole(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"query": f"{i}+1?", "response": f"The answer is: {i + 1}"}) + "\n"
+                            for i in range(4)))  # fmt: skip
+    flags = ["--data", "data.jsonl", "--max-steps", "3", "--save-steps", "1", "--logging-steps", "1"]
+    monkeypatch.chdir(tmp_path)
+    run(tiny_model, tmp_path / "first", *flags, "--stop-at-step", "2")
+    (tmp_path / "first").rename(tmp_path / "moved")
+    marker = tmp_path / "moved" / "checkpoints" / "checkpoint-2" / "tucka_checkpoint_complete.json"
+    marker.write_text(marker.read_text()[:5])  # cut short by a power loss: checkpoint-2 is not complete
+    monkeypatch.chdir(tmp_path / "moved")  # --data typed another way, from another directory
+    capsys.readouterr()
+    run(tiny_model, tmp_path / "moved", *flags, "--data", "../data.jsonl", "--resume")
+    assert (tmp_path / "moved" / "adapter_model.safetensors").is_file()
+    log = capsys.readouterr().err
+    assert f"removed incomplete checkpoint {marker.parent}" in log and "resuming from" in log
+    assert "checkpoints/checkpoint-1\n" in log
+    steps = [json.loads(line)["step"] for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

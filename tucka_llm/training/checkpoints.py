@@ -27,7 +27,8 @@ def _numbered(directory: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARKER).is_file()
+    """Whether ``checkpoint`` has a readable completion marker (a truncated one does not count)."""
+    return completed_step(checkpoint) is not None
 
 
 def mark_complete(checkpoint: Path, step: int) -> None:
@@ -35,9 +36,12 @@ def mark_complete(checkpoint: Path, step: int) -> None:
     atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step})
 
 
-def completed_step(checkpoint: Path) -> int:
-    """The optimizer step a complete checkpoint was taken at (from its marker)."""
-    return int(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["step"])
+def completed_step(checkpoint: Path) -> int | None:
+    """The optimizer step a complete checkpoint was taken at (from its marker); None without a readable marker."""
+    try:
+        return int(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or not ours (JSONDecodeError, UTF-8)
+        return None
 
 
 def latest_complete(directory: Path) -> Path | None:

@@ -284,9 +284,11 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     options = TrainOptions(**{f.name: getattr(namespace, f.name) for f in fields(TrainOptions)})
-    for name in ("model", "tokenizer"):  # a local directory is recorded absolute: export finds it from anywhere
+    # Local paths are recorded absolute: export finds the model from anywhere, and --resume compares the files
+    # themselves, however they were typed or wherever the command is run from.
+    for name in ("model", "tokenizer", "data", "ds"):
         value = getattr(options, name)
-        if value is not None and Path(value).is_dir():
+        if value is not None and Path(value).exists():
             setattr(options, name, str(Path(value).resolve()))
     if not options.target_module_list:
         parser.error("--target-modules is empty: give module names such as q_proj,v_proj.")

@@ -58,7 +58,8 @@ FINAL_FILES_LAST = ("adapter_config.json", "adapter_model.safetensors")  # their
 # a directory holding only these has no finished work, and a new run may start over it.
 LEFTOVERS = {LOCK_FILE, RUN_CONFIG, METRICS, ROUTER_CALIBRATION, "tensorboard", "checkpoints", ".final.tmp"}
 # Flags that may change between an interrupted run and its --resume without changing what is computed.
-RESUMABLE_CHANGES = {"resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
+# --output too: the directory being resumed is the run, wherever it was moved.
+RESUMABLE_CHANGES = {"output", "resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
 
 
 class RunError(ValueError):
@@ -163,7 +164,7 @@ def keep_adapter_whole(ds_config: dict[str, Any], model: torch.nn.Module) -> Non
     zero["stage3_param_persistence_threshold"] = max(int(threshold), largest)
 
 
-def check_output(output: Path, options: TrainOptions) -> Path | None:
+def check_output(output: Path, options: TrainOptions, world_size: int) -> Path | None:
     """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None).
 
     A new run may start over a directory that holds no finished work: only what a run that failed before its
@@ -185,7 +186,19 @@ def check_output(output: Path, options: TrainOptions) -> Path | None:
     config_path = output / RUN_CONFIG
     if not config_path.is_file():
         raise RunError(f"--resume: {output} has no {RUN_CONFIG}, so no run to resume; drop --resume to start one.")
-    before = json.loads(config_path.read_text(encoding="utf-8"))["options"]
+    try:
+        recorded = json.loads(config_path.read_text(encoding="utf-8"))
+        before, ranks = recorded["options"], recorded.get("world_size", world_size)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(
+            f"--resume: {config_path} is unreadable ({type(error).__name__}: {error}), so the run's flags are "
+            "unknown; start a new run in another --output."
+        ) from None
+    if ranks != world_size:
+        raise RunError(
+            f"--resume: the run in {output} was started on {ranks} ranks, now {world_size}; resume it on {ranks} "
+            "(its DeepSpeed checkpoint holds the optimizer state per rank)."
+        )
     changed = {
         key: (before.get(key), value)
         for key, value in options.to_dict().items()
@@ -297,7 +310,7 @@ def _train(
     options: TrainOptions, output: Path, rank: int, world_size: int, grad_accum: int, ds_config: dict | None
 ) -> Path | None:
     """``train`` once the options are checked and, on rank 0, --output is locked."""
-    resume_from = check_output(output, options)
+    resume_from = check_output(output, options, world_size)
     if ds_config is not None:
         import deepspeed
 
