@@ -21,6 +21,8 @@ from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
+from tucka_llm.training import parse_options
+from tucka_llm.training.adapters import ModelError, load_base_model
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import routing_states
 
@@ -396,3 +398,45 @@ def test_adapter_with_non_finite_weights_is_refused_by_export_and_eval(adapters,
     with pytest.raises(EvalError, match=r"hold NaN or inf values"):
         HFBackend(str(tiny_model), adapter=str(diverged))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"device": "cuda:7"}, r"--device cuda:7: not present \(\d+ CUDA devices here\)"),
+        ({"device": "gpu"}, r"--device gpu: not a device name"),
+        ({"max_shard_size": "5 bogus"}, r"--max-shard-size 5 bogus: not a size"),
+        ({"max_shard_size": "0GB"}, r"--max-shard-size 0GB: must be more than 0 bytes"),
+        ({"calibration_samples": 0}, r"--calibration-samples must be at least 1, got 0"),
+    ],
+)
+def test_bad_export_flags_are_refused_in_one_line_before_any_work(adapters, tmp_path, flags, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")  # an earlier export, which --force would replace
+    with pytest.raises(ExportError, match=message) as refused:
+        export_merged(adapters["tucka"], tmp_path / "out", force=True, **flags)
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]
+
+
+def test_a_corrupt_base_is_refused_in_one_line_by_training_export_and_eval(adapters, tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, corrupt)
+    (weights,) = corrupt.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ExportError, match=rf"^--base {corrupt}: could not load it \(.*\)\. Give the base model"):
+        export_merged(adapters["lora"], tmp_path / "out", base=str(corrupt))
+    with pytest.raises(EvalError, match=rf"^--model {corrupt}: could not load it"):
+        HFBackend(str(corrupt))
+    with pytest.raises(ModelError, match=rf"^--model {corrupt}: could not load it"):
+        load_base_model(parse_options(["--model", str(corrupt)]))
+
+
+def test_an_export_removes_what_a_killed_export_to_the_same_out_left(adapters, tmp_path):
+    stale = [tmp_path / ".merged.k1ll3d_x.tmp", tmp_path / ".merged.abcd1234.old"]
+    other = tmp_path / ".merged.v2.abcd1234.tmp"  # an export to merged.v2 (perhaps live): not ours to remove
+    for directory in [*stale, other]:
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"\0" * 100)
+    export_merged(adapters["lora"], tmp_path / "merged", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "merged"]

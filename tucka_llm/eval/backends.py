@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tucka_llm.data import tokenizer_source
@@ -131,7 +132,10 @@ class HFBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
+        try:
+            network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
+        except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
+            raise EvalError(f"--model {model}: could not load it ({' '.join(str(error).split())}).") from error
         if adapter is not None:
             try:
                 network = load_checked_adapter(network, Path(adapter), "--model")

@@ -19,13 +19,15 @@ from typing import Any
 
 import peft
 import torch
+from huggingface_hub.serialization._base import parse_size_to_int
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
 from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
-from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
@@ -74,6 +76,7 @@ def export_merged(
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: not supported; choose one of {', '.join(DTYPES)}.")
+    check_flags(device, max_shard_size, calibration_samples)
     config = read_adapter_config(adapter)
     base = base or config.base_model_name_or_path
     if not base:
@@ -98,6 +101,8 @@ def _export(
     force: bool,
 ) -> ExportResult:
     """``export_merged`` once its flags are read and ``out`` is locked."""
+    for stale in remove_stale_directories(out):
+        logger.info("removed %s, left by an export to %s that was stopped", stale, out)
     check_output(out, force, inputs=[adapter, Path(base)])
     method = adapter_method(config)
     spec = RouteSpec.parse(route or DEFAULT_ROUTE)
@@ -137,6 +142,31 @@ def _export(
     atomic_directory(out, write, replace=force)
     logger.info("merged %s checkpoint (%s) written to %s", method, dtype, out)
     return ExportResult(out, method, dtype, chosen)
+
+
+def check_flags(device: str | None, max_shard_size: str, calibration_samples: int) -> None:
+    """Refuse, before any work, a --device this machine lacks, a --max-shard-size that is no size, and a
+    --calibration-samples below 1 (each failed late, with a traceback, after the merge)."""
+    if device is not None:
+        try:
+            where = torch.device(device)
+        except (RuntimeError, ValueError) as error:
+            raise ExportError(f"--device {device}: not a device name ({error}); use cpu or cuda[:N].") from None
+        if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+            raise ExportError(
+                f"--device {device}: not present ({torch.cuda.device_count()} CUDA devices here); use cpu or one "
+                "that is."
+            )
+        if where.type not in ("cpu", "cuda"):
+            raise ExportError(f"--device {device}: export merges on cpu or cuda[:N].")
+    try:
+        shard_bytes = parse_size_to_int(max_shard_size)
+    except ValueError as error:
+        raise ExportError(f"--max-shard-size {max_shard_size}: not a size ({error}); write it like 5GB.") from None
+    if shard_bytes <= 0:
+        raise ExportError(f"--max-shard-size {max_shard_size}: must be more than 0 bytes.")
+    if calibration_samples < 1:
+        raise ExportError(f"--calibration-samples must be at least 1, got {calibration_samples}.")
 
 
 def read_adapter_config(adapter: Path) -> peft.PeftConfig:
@@ -182,7 +212,7 @@ def load_base(base: str) -> PreTrainedModel:
     """The base model on the CPU in the dtype it is stored in (no up-cast of the whole model)."""
     try:
         return AutoModelForCausalLM.from_pretrained(base, dtype="auto", low_cpu_mem_usage=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
         raise ExportError(
             f"--base {base}: could not load it ({error}). Give the base model the adapter was trained on."
         ) from error
