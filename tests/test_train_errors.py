@@ -311,3 +311,11 @@ def test_a_moved_run_resumes_from_its_newest_checkpoint_whose_marker_is_whole(
     assert "checkpoints/checkpoint-1\n" in log
     steps = [json.loads(line)["step"] for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_the_final_adapter_and_checkpoint_files_get_the_mode_of_the_runs_other_files(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    run(tiny_model, output, "--data", "gsm8k-train", "--num-examples", "2", "--max-len", "128", "--save-steps", "1")
+    mode = (output / "run_config.json").stat().st_mode & 0o777
+    files = [output / "adapter_model.safetensors", *(output / "checkpoints").rglob("*.safetensors")]
+    assert len(files) > 1 and {oct(f.stat().st_mode & 0o777) for f in files} == {oct(mode)}

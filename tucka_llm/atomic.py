@@ -43,6 +43,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def sync_files(directory: str | os.PathLike) -> None:
+    """Flush every file under ``directory`` to disk and give it the mode ``open()`` would (some writers, such as
+    safetensors, create 0600 files): before a rename or a marker makes them count."""
+    for file in Path(directory).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(file, 0o666 & ~_umask())
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> None:
     """Call ``write(tmp)`` on a new directory beside ``path``, flush its files, then rename it to ``path``.
 
@@ -55,11 +65,7 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], rep
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-                os.chmod(file, 0o666 & ~_umask())  # some writers create 0600 files; give the mode open() would
+        sync_files(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the directory the mode mkdir would
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             if not replace:

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 import tucka_llm
-from tucka_llm.atomic import atomic_write_json, atomic_write_text
+from tucka_llm.atomic import atomic_write_json, atomic_write_text, sync_files
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.locking import LOCK_FILE, exclusive_directory
@@ -469,6 +469,7 @@ def _save_final(trainer: RunTrainer, output: Path, rank: int) -> None:
     _barrier()
     if rank == 0:
         (staging / "training_args.bin").unlink(missing_ok=True)
+        sync_files(staging)  # on disk, and mode 0644 like the run's other files (safetensors creates 0600)
         names = sorted(p.name for p in staging.iterdir() if p.name not in FINAL_FILES_LAST)
         for name in [*names, *FINAL_FILES_LAST]:
             os.replace(staging / name, output / name)

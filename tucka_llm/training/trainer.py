@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tucka_llm.atomic import atomic_write_json
+from tucka_llm.atomic import atomic_write_json, sync_files
 from tucka_llm.training import checkpoints
 from tucka_llm.tucka.model import routing_states
 from tucka_llm.tucka.routing import ExpertLoad
@@ -93,6 +93,7 @@ class RunTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
         if self.is_world_process_zero():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            sync_files(folder)  # the shards are on disk before the marker says they are complete
             checkpoints.mark_complete(folder, self.state.global_step)
             checkpoints.rotate(Path(self.args.output_dir), self.keep_checkpoints)
 
