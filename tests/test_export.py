@@ -440,3 +440,17 @@ def test_an_export_removes_what_a_killed_export_to_the_same_out_left(adapters, t
         (directory / "model.safetensors").write_bytes(b"\0" * 100)
     export_merged(adapters["lora"], tmp_path / "merged", dtype="float32")
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "merged"]
+
+
+def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_line(adapters, tmp_path):
+    other = tiny_llama_config()
+    other.hidden_size, other.num_attention_heads = 128, 4
+    AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / "wider")
+    with pytest.raises(EvalError, match=r"^--adapter .* does not fit --model .*wider: .*Pass the base model") as e:
+        HFBackend(str(tmp_path / "wider"), adapter=str(adapters["lora"]))
+    assert "\n" not in str(e.value)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(adapters["lora"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(EvalError, match=r"^--adapter .*corrupt: could not load it \(.* not a readable safetensors"):
+        HFBackend(str(tmp_path / "wider"), adapter=str(corrupt))

@@ -14,6 +14,7 @@ import pytest
 
 from tucka_llm.data import DataError
 from tucka_llm.eval.problems import load_problems
+from tucka_llm.locking import OutputInUse
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
@@ -319,3 +320,9 @@ def test_the_final_adapter_and_checkpoint_files_get_the_mode_of_the_runs_other_f
     mode = (output / "run_config.json").stat().st_mode & 0o777
     files = [output / "adapter_model.safetensors", *(output / "checkpoints").rglob("*.safetensors")]
     assert len(files) > 1 and {oct(f.stat().st_mode & 0o777) for f in files} == {oct(mode)}
+
+
+def test_an_output_that_is_a_file_is_refused_in_one_line(tiny_model, tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputInUse, match=rf"^--output {tmp_path / 'out'}: is a file, not a directory; give a dir"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train")
