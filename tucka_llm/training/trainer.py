@@ -118,9 +118,9 @@ def check_step_finite(trainer: Trainer, tr_loss: torch.Tensor, grad_norm: Any) -
         problems.append(f"the adapter weights after the update ({', '.join(weights[:3])})")
     if problems:
         raise NonFiniteError(
-            f"step {step}: {' and '.join(problems)} not finite (NaN or inf); the run stopped before logging or "
-            "saving it, and its complete checkpoints are from earlier steps. Lower --lr or --alpha, or check the "
-            "data, and start the run again."
+            f"step {step}: not finite (NaN or inf): {'; '.join(problems)}. The run stopped before logging or saving "
+            "this step; its complete checkpoints are from earlier steps. Lower --lr or --alpha, or check the data, "
+            "and start the run again."
         )
 
 
