@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tucka_llm.data import tokenizer_source
+from tucka_llm.eval.reaper import end_descendants_at_exit
 
 BACKENDS = ("vllm", "hf")
 
@@ -82,6 +83,7 @@ class VLLMBackend:
             # On a CPU vLLM's default KV cache is a fraction of all RAM (once 20 GiB here): give it a size.
             settings["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 1024**3)
             settings["enforce_eager"] = True
+        self.watchdog = end_descendants_at_exit()  # vLLM's engine processes end with this process, even if killed
         self.llm = vllm.LLM(**settings)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
