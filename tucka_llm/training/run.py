@@ -310,12 +310,17 @@ def _train(
     options: TrainOptions, output: Path, rank: int, world_size: int, grad_accum: int, ds_config: dict | None
 ) -> Path | None:
     """``train`` once the options are checked and, on rank 0, --output is locked."""
-    resume_from = check_output(output, options, world_size)
+    # Rank 0 checks --output first, so that a refusal (in use, not empty, changed flags) is its one line: the
+    # launcher ends the other ranks, which wait at the barrier, before they could report something else.
+    resume_from = check_output(output, options, world_size) if rank == 0 else None
     if ds_config is not None:
         import deepspeed
 
         deepspeed.init_distributed()
-    _barrier()  # every rank has checked the output directory (and mapped its peers' shared memory)
+    _barrier()  # rank 0 accepted the output directory (and every rank mapped its peers' shared memory)
+    if rank != 0:
+        resume_from = check_output(output, options, world_size)  # rank 0 changes nothing before the next barrier
+    _barrier()
     _unlink_cpu_allreduce_buffer(rank)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
