@@ -454,3 +454,26 @@ def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_lin
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(EvalError, match=r"^--adapter .*corrupt: could not load it \(.* not a readable safetensors"):
         HFBackend(str(tmp_path / "wider"), adapter=str(corrupt))
+
+
+def test_a_merge_that_overflows_the_export_dtype_is_refused_and_a_non_finite_model_is_not_evaluated(
+    adapters, tiny_model, tmp_path
+):
+    loud = tmp_path / "loud"
+    shutil.copytree(adapters["lora"], loud)
+    weights = load_file(loud / "adapter_model.safetensors")
+    save_file({k: v * 1e8 if "lora_B" in k else v for k, v in weights.items()}, loud / "adapter_model.safetensors")
+    with pytest.raises(ExportError, match=r"^--dtype float16: the merged weight of .*q_proj is not finite .*bfloat16"):
+        export_merged(loud, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+
+    broken = tmp_path / "broken-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    with pytest.raises(
+        EvalError, match=r"^--model .*broken-model: 1 weights hold NaN or inf values \(model\.layers\.1"
+    ):
+        HFBackend(str(broken))

@@ -138,6 +138,12 @@ class HFBackend:
             network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
         except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
             raise EvalError(f"--model {model}: could not load it ({' '.join(str(error).split())}).") from error
+        non_finite = [name for name, p in network.named_parameters() if not bool(torch.isfinite(p).all())]
+        if non_finite:
+            raise EvalError(
+                f"--model {model}: {len(non_finite)} weights hold NaN or inf values ({', '.join(non_finite[:3])}); "
+                "evaluate a model whose training and export finished cleanly."
+            )
         if adapter is not None:
             try:
                 network = load_checked_adapter(network, Path(adapter), "--model")

@@ -272,9 +272,9 @@ def merge_layer_by_layer(
     model: peft.PeftModel, chosen: ChosenRoute | None, dtype: torch.dtype, device: torch.device
 ) -> PreTrainedModel:
     """Merge every adapted layer in fp32 on ``device`` and cast it to ``dtype``; return the plain base model."""
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
     with routing(model, chosen.route) if chosen is not None else contextlib.nullcontext():
-        for layer in tqdm(layers, desc="merging", unit="layer"):
+        for name, layer in tqdm(layers, desc="merging", unit="layer"):
             weight = layer.get_base_layer().weight
             home = weight.device
             layer.to(device)
@@ -282,6 +282,12 @@ def merge_layer_by_layer(
             weight.data = weight.data.float()
             layer.merge()
             weight.data = weight.data.to(dtype)
+            if not bool(torch.isfinite(weight.data).all()):
+                raise ExportError(
+                    f"--dtype {str(dtype).removeprefix('torch.')}: the merged weight of {name} is not finite (NaN, or "
+                    "out of the dtype's range); the base may hold non-finite values, or choose --dtype bfloat16 or "
+                    "float32."
+                )
             layer.to(home)
     plain = model.unload()
     return plain.to(dtype)
