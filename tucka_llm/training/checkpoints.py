@@ -32,7 +32,10 @@ def is_complete(checkpoint: Path) -> bool:
 
 
 def mark_complete(checkpoint: Path, step: int) -> None:
-    """Rank 0, after every rank has written its part of ``checkpoint``."""
+    """Rank 0, after every rank has written its part of ``checkpoint``. A checkpoint that is gone (rotated away by
+    another writer) is not recreated as an empty "complete" one: that is an error."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: the checkpoint to mark complete is gone; was another run writing here?")
     atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step})
 
 
