@@ -9,16 +9,18 @@ from __future__ import annotations
 import sys
 
 from tucka_llm.data import DataError
+from tucka_llm.locking import OutputInUse
 from tucka_llm.training import parse_options, train
 from tucka_llm.training.adapters import ModelError
 from tucka_llm.training.run import RunError
+from tucka_llm.training.trainer import NonFiniteError
 
 
 def main() -> None:
     options = parse_options()
     try:
         train(options)
-    except (DataError, ModelError, RunError) as error:
+    except (DataError, ModelError, RunError, NonFiniteError, OutputInUse) as error:
         sys.exit(f"error: {error}")
 
 

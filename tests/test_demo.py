@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tucka_llm.eval.backends import vllm_available
-from tucka_llm.stages import Stage, StageFailed, run_stages
+from tucka_llm.stages import Stage, StageFailed, run_stages, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,3 +79,19 @@ def test_table3_recipe_refuses_unknown_configurations():
     command = [sys.executable, str(REPO / "launch" / "reproduce_table3.py"), "--configs", "tucka-r64"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "--configs: unknown tucka-r64; choose from tucka-r16k4" in result.stderr
+
+
+def test_an_interrupted_training_stage_continues_from_its_checkpoint(tiny_model, tmp_path):
+    run = tmp_path / "train"
+    flags = ["--model", tiny_model, "--data", "gsm8k-train", "--num-examples", "4", "--max-len", "128", "--r", "4",
+             "--k", "3", "--alpha", "8", "--precision", "fp32", "--micro-batch", "2", "--global-batch", "4",
+             "--max-steps", "2", "--logging-steps", "1", "--save-steps", "1"]  # fmt: skip
+    stage = train_stage("train", 2, run, *flags)
+    # A job time limit ends the stage after step 1, with checkpoint-1 complete and no adapter.
+    interrupted = subprocess.run([*stage.command_now(), "--stop-at-step", "1"], capture_output=True, text=True)
+    assert interrupted.returncode == 0 and not stage.output.exists(), interrupted.stderr[-3000:]
+    run_stages([stage], tmp_path / "logs")
+    log = (tmp_path / "logs" / "train.log").read_text()
+    assert "resuming from" in log and "checkpoint-1" in log
+    assert stage.output.is_file()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

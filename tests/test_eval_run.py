@@ -17,7 +17,15 @@ from tucka_llm.data import DataError
 from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend
 from tucka_llm.eval.problems import Problem, load_problems
-from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate, extraction_rules, score, summarise
+from tucka_llm.eval.run import (
+    METAMATH_STOP,
+    EvalOptions,
+    evaluate,
+    extraction_rules,
+    read_records,
+    score,
+    summarise,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}
@@ -220,3 +228,48 @@ def test_command_line_errors_are_one_line(merged_tiny, tmp_path):
     assert result.returncode == 2 and "invalid choice: 'tgi'" in result.stderr
     result = run_script("gsm8k.py", "--model", merged_tiny, "--adapter", tmp_path, "--backend", "vllm")
     assert result.stderr.strip().splitlines()[-1].startswith("error: --adapter needs --backend hf")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("temperature", -1.0, r"--temperature must be a finite number >= 0"),
+        ("temperature", float("nan"), r"--temperature must be a finite number >= 0"),
+        ("top_p", 0.0, r"--top-p must be in \(0, 1\]"),
+        ("dtype", "float8", r"--dtype float8: unknown; choose one of auto, bfloat16"),
+        ("prompt_template", "Q: {query} {oops}", r"--prompt-template: not a template with only a \{query\} field"),
+        ("prompt_template", "Q: {}", r"--prompt-template: not a template"),
+        ("prompt_template", "Q:", r"--prompt-template must contain \{query\}"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(merged_tiny, tmp_path, setting, value, message):
+    options = EvalOptions(task="gsm8k", model=str(merged_tiny), data="gsm8k", backend="hf", output=str(tmp_path / "o"))
+    setattr(options, setting, value)
+    with pytest.raises(EvalError, match=message):
+        evaluate(options)
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_output_without_results_takes_the_corrected_settings(merged_tiny, tmp_path):
+    options = EvalOptions(
+        task="gsm8k", model=str(merged_tiny), data="gsm8k", limit=1, backend="hf", max_new_tokens=4,
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    (tmp_path / "out").mkdir()  # what a run with a bad --dtype left before the model failed to load
+    (tmp_path / "out" / "eval_settings.json").write_text(json.dumps(options.settings() | {"dtype": "float8"}))
+    assert evaluate(options)["n"] == 1
+    assert json.loads((tmp_path / "out" / "eval_settings.json").read_text())["dtype"] == "auto"
+
+
+def test_a_record_cut_anywhere_is_dropped_and_the_next_one_starts_on_its_own_line(tmp_path):
+    path = tmp_path / "responses.jsonl"
+    first = json.dumps({"id": "1", "completion": "x = 2 → 4"}, ensure_ascii=False) + "\n"
+    second = (json.dumps({"id": "2", "completion": "→ é"}, ensure_ascii=False) + "\n").encode()
+    cut_in_a_character = second.index("→".encode()) + 1
+    for cut in (cut_in_a_character, len(second) - 1):  # inside a 3-byte character; just before its newline
+        path.write_bytes(first.encode() + second[:cut])
+        assert list(read_records(path)) == ["1"]
+        assert path.read_bytes() == first.encode()  # the next record is appended on a line of its own
+    path.write_bytes(first.encode() + b'{"id": "\xe2\x86"}\n' + second)
+    with pytest.raises(EvalError, match=rf"^{path}:2: not a JSON record; delete the line"):
+        read_records(path)

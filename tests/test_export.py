@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,16 @@ import peft
 import pytest
 import torch
 from conftest import PROMPTS, TUCKA_CONFIG, save_adapter, tiny_llama_config
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tucka_llm
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
+from tucka_llm.training import parse_options
+from tucka_llm.training.adapters import ModelError, load_base_model
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import routing_states
 
@@ -358,3 +362,118 @@ def test_command_line_errors_are_one_line_without_traceback(adapters, tmp_path):
         "error: --route: group 7 is out of range; this adapter has k=3 groups: 0..2."
     )
     assert "Traceback" not in result.stderr
+
+
+def base_of_depth(path: Path, layers: int) -> Path:
+    """The tiny Llama's width with another number of decoder layers."""
+    config = tiny_llama_config()
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
+
+
+def test_base_of_another_depth_is_refused_naming_the_layers_by_export_and_eval(adapters, tmp_path):
+    deeper, shallower = base_of_depth(tmp_path / "deeper", 3), base_of_depth(tmp_path / "shallower", 1)
+    for method in ("tucka", "lora"):
+        with pytest.raises(ExportError, match=r"does not fit --base .*deeper: the base has adapted layers it holds no "
+                                              r"weights for \(layers 2\)\. Pass the base model"):  # fmt: skip
+            export_merged(adapters[method], tmp_path / "out", base=str(deeper))
+        with pytest.raises(ExportError, match=r"holds weights for layers the base does not have \(layers 1\)"):
+            export_merged(adapters[method], tmp_path / "out", base=str(shallower))
+        with pytest.raises(EvalError, match=r"does not fit --model .*deeper: the base has adapted layers .*layers 2"):
+            HFBackend(str(deeper), adapter=str(adapters[method]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_with_non_finite_weights_is_refused_by_export_and_eval(adapters, tiny_model, tmp_path):
+    diverged = tmp_path / "diverged"
+    shutil.copytree(adapters["lora"], diverged)
+    weights = load_file(diverged / "adapter_model.safetensors")
+    name = sorted(weights)[0]
+    weights[name][0, 0] = float("nan")
+    save_file(weights, diverged / "adapter_model.safetensors")
+    with pytest.raises(ExportError, match=rf"--adapter {diverged}: 1 of its tensors hold NaN or inf values \({name}\)"):
+        export_merged(diverged, tmp_path / "out")
+    with pytest.raises(EvalError, match=r"hold NaN or inf values"):
+        HFBackend(str(tiny_model), adapter=str(diverged))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"device": "cuda:7"}, r"--device cuda:7: not present \(\d+ CUDA devices here\)"),
+        ({"device": "gpu"}, r"--device gpu: not a device name"),
+        ({"max_shard_size": "5 bogus"}, r"--max-shard-size 5 bogus: not a size"),
+        ({"max_shard_size": "0GB"}, r"--max-shard-size 0GB: must be more than 0 bytes"),
+        ({"calibration_samples": 0}, r"--calibration-samples must be at least 1, got 0"),
+    ],
+)
+def test_bad_export_flags_are_refused_in_one_line_before_any_work(adapters, tmp_path, flags, message):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text("{}")  # an earlier export, which --force would replace
+    with pytest.raises(ExportError, match=message) as refused:
+        export_merged(adapters["tucka"], tmp_path / "out", force=True, **flags)
+    assert "\n" not in str(refused.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.json"]
+
+
+def test_a_corrupt_base_is_refused_in_one_line_by_training_export_and_eval(adapters, tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(tiny_model, corrupt)
+    (weights,) = corrupt.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ExportError, match=rf"^--base {corrupt}: could not load it \(.*\)\. Give the base model"):
+        export_merged(adapters["lora"], tmp_path / "out", base=str(corrupt))
+    with pytest.raises(EvalError, match=rf"^--model {corrupt}: could not load it"):
+        HFBackend(str(corrupt))
+    with pytest.raises(ModelError, match=rf"^--model {corrupt}: could not load it"):
+        load_base_model(parse_options(["--model", str(corrupt)]))
+
+
+def test_an_export_removes_what_a_killed_export_to_the_same_out_left(adapters, tmp_path):
+    stale = [tmp_path / ".merged.k1ll3d_x.tmp", tmp_path / ".merged.abcd1234.old"]
+    other = tmp_path / ".merged.v2.abcd1234.tmp"  # an export to merged.v2 (perhaps live): not ours to remove
+    for directory in [*stale, other]:
+        directory.mkdir()
+        (directory / "model.safetensors").write_bytes(b"\0" * 100)
+    export_merged(adapters["lora"], tmp_path / "merged", dtype="float32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "merged"]
+
+
+def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_line(adapters, tmp_path):
+    other = tiny_llama_config()
+    other.hidden_size, other.num_attention_heads = 128, 4
+    AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / "wider")
+    with pytest.raises(EvalError, match=r"^--adapter .* does not fit --model .*wider: .*Pass the base model") as e:
+        HFBackend(str(tmp_path / "wider"), adapter=str(adapters["lora"]))
+    assert "\n" not in str(e.value)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(adapters["lora"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(EvalError, match=r"^--adapter .*corrupt: could not load it \(.* not a readable safetensors"):
+        HFBackend(str(tmp_path / "wider"), adapter=str(corrupt))
+
+
+def test_a_merge_that_overflows_the_export_dtype_is_refused_and_a_non_finite_model_is_not_evaluated(
+    adapters, tiny_model, tmp_path
+):
+    loud = tmp_path / "loud"
+    shutil.copytree(adapters["lora"], loud)
+    weights = load_file(loud / "adapter_model.safetensors")
+    save_file({k: v * 1e8 if "lora_B" in k else v for k, v in weights.items()}, loud / "adapter_model.safetensors")
+    with pytest.raises(ExportError, match=r"^--dtype float16: the merged weight of .*q_proj is not finite .*bfloat16"):
+        export_merged(loud, tmp_path / "out", dtype="float16")
+    assert not (tmp_path / "out").exists()
+
+    broken = tmp_path / "broken-model"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(broken)
+    with pytest.raises(
+        EvalError, match=r"^--model .*broken-model: 1 weights hold NaN or inf values \(model\.layers\.1"
+    ):
+        HFBackend(str(broken))

@@ -8,14 +8,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
 from tucka_llm.data import DataError
+from tucka_llm.eval.problems import load_problems
+from tucka_llm.locking import OutputInUse
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
 from tucka_llm.training.run import RunError, gradient_accumulation
+from tucka_llm.training.trainer import NonFiniteError, RunTrainer, metrics_line
 from tucka_llm.tucka.config import width_scaled_alpha
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,3 +182,150 @@ def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(tiny_model, tmp_
     )
     with pytest.raises(RunError, match=r"--optim adamw_8bit needs bitsandbytes: pip install '\.\[quant\]'"):
         run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--optim", "adamw_8bit")
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--lr", "inf"), ("--lr", "nan"), ("--weight-decay", "nan"), ("--perturb-scale", "nan"),
+     ("--max-grad-norm", "nan"), ("--max-grad-norm", "inf"), ("--lora-alpha", "inf"), ("--epochs", "inf")],
+)  # fmt: skip
+def test_non_finite_flag_values_are_refused_by_name(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        parse_options([flag, value])
+    assert f"argument {flag}: must be a finite number" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_stops_the_run_at_its_step_and_keeps_the_checkpoints_before_it(tiny_model, tmp_path):
+    real = RunTrainer.compute_loss
+
+    def nan_from_step_3(self, *args, **kwargs):  # what a diverging run does: a NaN loss, NaN gradients
+        loss = real(self, *args, **kwargs)
+        return loss * float("nan") if self.state.global_step >= 2 else loss
+
+    output = tmp_path / "out"
+    stops = pytest.raises(
+        NonFiniteError,
+        match=r"^step 3: not finite \(NaN or inf\): the training loss; the gradient norm \(nan\); the ad",
+    )
+    with patch.object(RunTrainer, "compute_loss", nan_from_step_3), stops:
+        run(tiny_model, output, "--data", "gsm8k-train", "--num-examples", "4", "--max-len", "128",
+            "--max-steps", "4", "--save-steps", "2", "--logging-steps", "1")  # fmt: skip
+    assert_not_finished(output)
+    assert [p.name for p in (output / "checkpoints").iterdir()] == ["checkpoint-2"]
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=float_not_allowed)["step"] for line in lines] == [1, 2]
+
+
+def float_not_allowed(name: str) -> None:
+    raise AssertionError(f"bare {name} in metrics.jsonl: not JSON")
+
+
+def test_metrics_lines_write_non_finite_values_as_null():
+    line = metrics_line({"step": 3, "loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 1e-3})
+    assert json.loads(line, parse_constant=float_not_allowed) == {
+        "step": 3, "loss": None, "grad_norm": None, "learning_rate": 1e-3
+    }  # fmt: skip
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_leaves_a_directory_a_new_run_can_use(tiny_model, tmp_path):
+    real = RunTrainer.compute_loss
+    output = tmp_path / "out"
+    flags = ["--data", "gsm8k-train", "--num-examples", "4", "--max-len", "128", "--logging-steps", "1"]
+    with (
+        patch.object(RunTrainer, "compute_loss", lambda *a, **k: real(*a, **k) * float("nan")),
+        pytest.raises(NonFiniteError, match=r"^step 1: "),
+    ):
+        run(tiny_model, output, *flags)
+    assert (output / "run_config.json").is_file() and (output / "tucka_router_calibration.safetensors").is_file()
+    run(tiny_model, output, *flags)  # the corrected command: no "not empty", no --resume needed
+    assert (output / "adapter_model.safetensors").is_file()
+    assert [json.loads(line)["step"] for line in (output / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ([], r"must hold a JSON object \(\{\.\.\.\}\), not list"),
+        ({"zero_optimization": 2}, r"zero_optimization must be an object, got 2"),
+        ({"zero_optimization": {"stage": "two"}}, r"zero_optimization is not valid for DeepSpeed: stage: .*\"two\""),
+        (
+            {"zero_optimization": {"stage": 2, "bucket": 1}},
+            r"zero_optimization is not valid for DeepSpeed: bucket: Extra inputs",
+        ),
+    ],
+)
+def test_a_bad_deepspeed_config_is_refused_in_one_line_before_anything_is_written(
+    tiny_model, tmp_path, config, message
+):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(config))
+    with pytest.raises(RunError, match=rf"^--ds {ds}: {message}") as refused:
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--ds", str(ds))
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_an_unknown_lr_scheduler_is_refused_before_anything_is_written(capsys):
+    with pytest.raises(SystemExit):
+        parse_options(["--lr-scheduler", "bogus"])
+    assert "--lr-scheduler bogus: unknown; choose one of linear, cosine," in capsys.readouterr().err
+
+
+def test_data_that_is_not_utf8_is_refused_naming_the_line_by_training_and_evaluation(tiny_model, tmp_path):
+    data = tmp_path / "latin1.jsonl"
+    data.write_bytes(b'{"query": "1+1?", "response": "The answer is: 2"}\n{"query": "caf\xe9?", "response": "3"}\n')
+    message = rf"^{data}:2: not UTF-8 text \(byte 0xe9 at column 15\); save the file as UTF-8\.$"
+    with pytest.raises(DataError, match=message):
+        run(tiny_model, tmp_path / "out", "--data", str(data))
+    with pytest.raises(DataError, match=message):
+        load_problems("gsm8k", str(data))
+
+
+def test_resume_refuses_an_unreadable_run_config_or_another_world_size_in_one_line(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    output.mkdir()
+    options = parse_options(["--model", str(tiny_model), "--output", str(output), "--resume"])
+    (output / "run_config.json").write_text('{"options": {"model": "x", ')  # cut short
+    with pytest.raises(
+        RunError, match=r"^--resume: .*run_config\.json is unreadable \(JSONDecodeError: .*another --output"
+    ):
+        train(options)
+    (output / "run_config.json").write_text(json.dumps({"options": options.to_dict(), "world_size": 2}))
+    with pytest.raises(RunError, match=r"^--resume: the run in .* was started on 2 ranks, now 1; resume it on 2"):
+        train(options)
+
+
+def test_a_moved_run_resumes_from_its_newest_checkpoint_whose_marker_is_whole(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"query": f"{i}+1?", "response": f"The answer is: {i + 1}"}) + "\n"
+                            for i in range(4)))  # fmt: skip
+    flags = ["--data", "data.jsonl", "--max-steps", "3", "--save-steps", "1", "--logging-steps", "1"]
+    monkeypatch.chdir(tmp_path)
+    run(tiny_model, tmp_path / "first", *flags, "--stop-at-step", "2")
+    (tmp_path / "first").rename(tmp_path / "moved")
+    marker = tmp_path / "moved" / "checkpoints" / "checkpoint-2" / "tucka_checkpoint_complete.json"
+    marker.write_text(marker.read_text()[:5])  # cut short by a power loss: checkpoint-2 is not complete
+    monkeypatch.chdir(tmp_path / "moved")  # --data typed another way, from another directory
+    capsys.readouterr()
+    run(tiny_model, tmp_path / "moved", *flags, "--data", "../data.jsonl", "--resume")
+    assert (tmp_path / "moved" / "adapter_model.safetensors").is_file()
+    log = capsys.readouterr().err
+    assert f"removed incomplete checkpoint {marker.parent}" in log and "resuming from" in log
+    assert "checkpoints/checkpoint-1\n" in log
+    steps = [json.loads(line)["step"] for line in (tmp_path / "moved" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_the_final_adapter_and_checkpoint_files_get_the_mode_of_the_runs_other_files(tiny_model, tmp_path):
+    output = tmp_path / "out"
+    run(tiny_model, output, "--data", "gsm8k-train", "--num-examples", "2", "--max-len", "128", "--save-steps", "1")
+    mode = (output / "run_config.json").stat().st_mode & 0o777
+    files = [output / "adapter_model.safetensors", *(output / "checkpoints").rglob("*.safetensors")]
+    assert len(files) > 1 and {oct(f.stat().st_mode & 0o777) for f in files} == {oct(mode)}
+
+
+def test_an_output_that_is_a_file_is_refused_in_one_line(tiny_model, tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutputInUse, match=rf"^--output {tmp_path / 'out'}: is a file, not a directory; give a dir"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train")

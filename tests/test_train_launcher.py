@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import tucka_llm
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
+from tucka_llm.locking import exclusive_directory
 from tucka_llm.stages import free_port
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
@@ -201,3 +203,17 @@ def test_one_process_without_deepspeed_trains_and_saves_a_loadable_adapter(tiny_
     assert json.loads((output / "run_config.json").read_text())["deepspeed_config"] is None
     assert [m["step"] for m in metrics(output)] == [1, 3]  # logging_first_step, then every --logging-steps 10
     peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output)
+
+
+def test_a_two_rank_run_on_a_directory_in_use_is_refused_naming_the_holder(tiny_model, tmp_path):
+    """Rank 0 holds --output's lock; a second launch (say a --resume while the first run's ranks outlive their
+    killed launcher) is refused by its rank 0 in one line, before any rank reports anything else."""
+    output = tmp_path / "run"
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py", "--ds",
+               "ds_configs/zero2.json", "--model", str(tiny_model), "--output", str(output), "--resume"]  # fmt: skip
+    with exclusive_directory(output, "--output"):  # this test process stands for the live run's rank 0
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("error: ")]
+    assert result.returncode != 0
+    assert errors == [f"error: --output {output} is in use by another process (pid {os.getpid()}); wait for it to "
+                      "end (or end it), then run again."]  # fmt: skip

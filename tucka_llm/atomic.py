@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -42,6 +43,16 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def sync_files(directory: str | os.PathLike) -> None:
+    """Flush every file under ``directory`` to disk and give it the mode ``open()`` would (some writers, such as
+    safetensors, create 0600 files): before a rename or a marker makes them count."""
+    for file in Path(directory).rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(file, 0o666 & ~_umask())
+
+
 def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], replace: bool = False) -> None:
     """Call ``write(tmp)`` on a new directory beside ``path``, flush its files, then rename it to ``path``.
 
@@ -54,11 +65,7 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], rep
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         write(tmp)
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-                os.chmod(file, 0o666 & ~_umask())  # some writers create 0600 files; give the mode open() would
+        sync_files(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700; give the directory the mode mkdir would
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             if not replace:
@@ -72,3 +79,15 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], rep
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_directories(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary directories that an ``atomic_directory(path, ...)`` killed midway left beside ``path``
+    (a full-size ``.tmp`` copy, or the ``.old`` one being replaced); return them. Only call it while holding
+    ``path``'s lock (``tucka_llm.locking``): then no live writer owns them."""
+    path = Path(path)
+    ours = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")  # mkdtemp's names, above
+    stale = [p for p in path.parent.iterdir() if ours.match(p.name) and p.is_dir()] if path.parent.is_dir() else []
+    for directory in stale:
+        shutil.rmtree(directory)
+    return stale

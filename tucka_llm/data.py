@@ -88,13 +88,29 @@ def _json_error_location(path: Path) -> str | None:
     return None
 
 
+def check_utf8_records(path: Path) -> None:
+    """Refuse a data file that has no records or is not UTF-8 (naming the line): the JSON reader accepts other
+    bytes and the records then fail to decode only when they are used."""
+    empty = True
+    with path.open("rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text (byte 0x{line[error.start]:02x} at column {error.start + 1}); "
+                    "save the file as UTF-8."
+                ) from None
+            empty = empty and not line.strip()
+    if empty:
+        raise DataError(f"--data {path}: the file has no records.")
+
+
 def load_json_records(path: Path) -> datasets.Dataset:
     """The records of a local .json (a list) or .jsonl (one per line) file; a malformed one is named by file:line."""
     if path.suffix not in (".json", ".jsonl"):
         raise DataError(f"{path}: use a .json (list of records) or .jsonl (one record per line) file for --data.")
-    with path.open("rb") as f:
-        if not any(line.strip() for line in f):
-            raise DataError(f"--data {path}: the file has no records.")
+    check_utf8_records(path)
     try:
         return datasets.load_dataset("json", data_files=str(path), split="train")
     except Exception as error:  # datasets/pyarrow say neither file nor line: find them ourselves

@@ -25,11 +25,23 @@ class StageFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Stage:
-    """``command`` makes ``output``; a stage whose ``output`` exists is done and is skipped."""
+    """``command`` makes ``output``; a stage whose ``output`` exists is done and is skipped.
+
+    A stage whose command can continue where an interruption left it names the file that shows it began
+    (``started``) and the flags that continue it (``continue_flags``): when ``started`` exists and ``output`` does
+    not, the command runs with them (a training run with ``--resume``; without it the run directory is refused).
+    """
 
     name: str
     command: Sequence[object]
     output: Path
+    started: Path | None = None
+    continue_flags: Sequence[object] = ()
+
+    def command_now(self) -> list[str]:
+        """The command to run now: with ``continue_flags`` when an earlier run of it was interrupted."""
+        interrupted = self.started is not None and self.started.exists()
+        return list(map(str, [*self.command, *(self.continue_flags if interrupted else ())]))
 
 
 def run_stages(stages: Sequence[Stage], logs: Path) -> None:
@@ -41,10 +53,11 @@ def run_stages(stages: Sequence[Stage], logs: Path) -> None:
             print(f"{prefix}: done already ({stage.output}), skipped", flush=True)
             continue
         log = logs / f"{stage.name}.log"
-        print(f"{prefix}: {shlex.join(map(str, stage.command))}", flush=True)
+        command = stage.command_now()
+        print(f"{prefix}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         with log.open("w", encoding="utf-8") as sink:
-            result = subprocess.run(list(map(str, stage.command)), stdout=sink, stderr=subprocess.STDOUT)
+            result = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
         if result.returncode != 0 or not stage.output.exists():
             tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-15:])
             raise StageFailed(
@@ -81,8 +94,11 @@ ZERO2 = REPO / "ds_configs" / "zero2.json"
 
 
 def train_stage(name: str, gpus: int, run: Path, *flags: object) -> Stage:
-    """launch/train.py under DeepSpeed through ds_configs/zero2.json; done when the final adapter is saved."""
-    return Stage(name, train_command(gpus, ZERO2, *flags, "--output", run), run / "adapter_model.safetensors")
+    """launch/train.py under DeepSpeed through ds_configs/zero2.json; done when the final adapter is saved, and
+    continued with ``--resume`` once the run has recorded its run_config.json (from its newest complete checkpoint,
+    or from the start when it has none)."""
+    command = train_command(gpus, ZERO2, *flags, "--output", run)
+    return Stage(name, command, run / "adapter_model.safetensors", run / "run_config.json", ("--resume",))
 
 
 def export_stage(name: str, run: Path, merged: Path, *flags: object) -> Stage:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tucka_llm.data import tokenizer_source
+from tucka_llm.eval.reaper import end_descendants_at_exit
 
 BACKENDS = ("vllm", "hf")
 
@@ -80,6 +83,7 @@ class VLLMBackend:
             # On a CPU vLLM's default KV cache is a fraction of all RAM (once 20 GiB here): give it a size.
             settings["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 1024**3)
             settings["enforce_eager"] = True
+        self.watchdog = end_descendants_at_exit()  # vLLM's engine processes end with this process, even if killed
         self.llm = vllm.LLM(**settings)
 
     def generate(self, prompts: list[str], sampling: Sampling) -> list[Generation]:
@@ -121,9 +125,7 @@ class HFBackend:
         batch_size: int = 8,
         device: str | None = None,
     ) -> None:
-        import peft
-
-        import tucka_llm  # noqa: F401  (registers TuckA with peft)
+        from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
@@ -132,9 +134,21 @@ class HFBackend:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
+        try:
+            network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
+        except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
+            raise EvalError(f"--model {model}: could not load it ({' '.join(str(error).split())}).") from error
+        non_finite = [name for name, p in network.named_parameters() if not bool(torch.isfinite(p).all())]
+        if non_finite:
+            raise EvalError(
+                f"--model {model}: {len(non_finite)} weights hold NaN or inf values ({', '.join(non_finite[:3])}); "
+                "evaluate a model whose training and export finished cleanly."
+            )
         if adapter is not None:
-            network = peft.PeftModel.from_pretrained(network, adapter)
+            try:
+                network = load_checked_adapter(network, Path(adapter), "--model")
+            except AdapterLoadError as error:
+                raise EvalError(str(error)) from error
         self.model = network.eval()
 
     @torch.no_grad()

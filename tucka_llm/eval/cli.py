@@ -9,6 +9,7 @@ from tucka_llm.data import PROMPT_TEMPLATE, DataError
 from tucka_llm.eval.backends import BACKENDS, EvalError, vllm_available
 from tucka_llm.eval.problems import SHIPPED
 from tucka_llm.eval.run import MAX_NEW_TOKENS, METAMATH_STOP, SCORINGS, EvalOptions, evaluate
+from tucka_llm.locking import OutputInUse
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
@@ -100,11 +101,9 @@ def main(task: str, argv: list[str] | None = None) -> None:
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
     )
-    if "{query}" not in options.prompt_template:
-        parser.error("--prompt-template must contain {query}, where the question goes.")
     try:
         summary = evaluate(options)
-    except (EvalError, DataError) as error:
+    except (EvalError, DataError, OutputInUse) as error:
         sys.exit(f"error: {error}")
     print(
         f"{task}: accuracy {summary['accuracy']:.4f} ({summary['scoring']} scoring; project "

@@ -7,6 +7,7 @@ rewritten (atomically) from all records at the end of every run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter, defaultdict
@@ -23,6 +24,7 @@ from tucka_llm.eval import metamath
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
+from tucka_llm.locking import exclusive_directory
 
 # MetaMath's evaluation conventions (method note, section 6).
 STEP_BY_STEP = " Let's think step by step."
@@ -35,6 +37,7 @@ RESPONSES = "responses.jsonl"
 SUMMARY = "summary.json"
 SETTINGS = "eval_settings.json"
 SCORINGS = ("project", "metamath")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 @dataclass
@@ -84,6 +87,24 @@ class EvalOptions:
             return Path("eval") / f"{self.model.replace('/', '_')}-{data_name}"
         return evaluated.parent / f"{evaluated.name}-eval-{data_name}"
 
+    def check(self) -> None:
+        """Refuse settings that would fail only once the model is loaded, before anything is written."""
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EvalError(f"--temperature must be a finite number >= 0 (0 is greedy), got {self.temperature}.")
+        if not 0 < self.top_p <= 1:
+            raise EvalError(f"--top-p must be in (0, 1], got {self.top_p}.")
+        if self.dtype not in DTYPES:
+            raise EvalError(f"--dtype {self.dtype}: unknown; choose one of {', '.join(DTYPES)}.")
+        try:
+            filled = self.prompt_template.format(query="\0")
+        except (KeyError, IndexError, ValueError) as error:
+            raise EvalError(
+                f"--prompt-template: not a template with only a {{query}} field ({type(error).__name__}: {error}); "
+                "write other braces as {{ and }}."
+            ) from None
+        if "\0" not in filled:
+            raise EvalError("--prompt-template must contain {query}, where the question goes.")
+
     def settings(self) -> dict[str, Any]:
         """What decides the completions: a resumed run must have the same."""
         return {
@@ -102,12 +123,18 @@ class EvalOptions:
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Run (or resume) the evaluation in ``options``; return the summary also written to ``summary.json``."""
+    options.check()
     check_model(options)
     problems = load_problems(options.task, options.data, options.limit, options.data_split, options.data_config)
     output = options.output_dir()
-    output.mkdir(parents=True, exist_ok=True)
-    check_settings(output, options.settings())
+    with exclusive_directory(output, f"--output {output}"):  # one evaluation appends to responses.jsonl at a time
+        return _evaluate(options, problems, output)
+
+
+def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> dict[str, Any]:
+    """``evaluate`` once the model and problems are checked and ``output`` is locked."""
     records = read_records(output / RESPONSES)
+    check_settings(output, options.settings(), has_results=bool(records))
     todo = [p for p in problems if p.id not in records]
     started = time.perf_counter()
     if todo:
@@ -158,11 +185,15 @@ def check_model(options: EvalOptions) -> None:
             raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
 
 
-def check_settings(output: Path, settings: dict[str, Any]) -> None:
-    """Record the settings of a new output directory; refuse to resume one made with different settings."""
+def check_settings(output: Path, settings: dict[str, Any], has_results: bool) -> None:
+    """Record the settings of a new output directory; refuse to resume one made with different settings.
+
+    A directory without results (a run that failed before its first chunk) takes the new settings: it holds no
+    work they could mix with.
+    """
     path = output / SETTINGS
     settings = json.loads(json.dumps(settings))  # compared as stored: tuples become lists
-    if path.is_file():
+    if path.is_file() and has_results:
         previous = json.loads(path.read_text(encoding="utf-8"))
         changed = sorted(key for key in settings | previous if settings.get(key) != previous.get(key))
         if changed:
@@ -175,19 +206,21 @@ def check_settings(output: Path, settings: dict[str, Any]) -> None:
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The finished records by problem id; a half-written last line (an interrupted run) is dropped."""
+    """The finished records by problem id. Records are appended one line at a time, so a last line without its
+    newline is one an interrupted run was writing: it is cut off the file (wherever the cut fell, inside a
+    multi-byte character too) and generated again. Lines are decoded one by one."""
     records: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return records
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    for number, line in enumerate(lines, start=1):
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) < len(data):
+        with path.open("r+b") as f:
+            f.truncate(len(complete))
+    for number, line in enumerate(complete.splitlines(), start=1):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):  # cut off mid-write: forget it, it is generated again
-                with path.open("r+", encoding="utf-8") as f:
-                    f.truncate(sum(len(x.encode("utf-8")) for x in lines[:-1]))
-                break
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise EvalError(
                 f"{path}:{number}: not a JSON record; delete the line (or the file) and run again."
             ) from None

@@ -8,6 +8,7 @@ import sys
 
 from tucka_llm.export.merge import DTYPES, export_merged
 from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
+from tucka_llm.locking import OutputInUse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +57,6 @@ def main(argv: list[str] | None = None) -> None:
             max_shard_size=args.max_shard_size,
             force=args.force,
         )
-    except ExportError as error:
+    except (ExportError, OutputInUse) as error:
         sys.exit(f"error: {error}")
     print(f"merged {result.method} checkpoint: {result.path}")

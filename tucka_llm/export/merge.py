@@ -19,16 +19,19 @@ from typing import Any
 
 import peft
 import torch
+from huggingface_hub.serialization._base import parse_size_to_int
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors import SafetensorError
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
+from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
+from tucka_llm.locking import LOCK_FILE, exclusive
 from tucka_llm.tucka.dai import calibration_features
 from tucka_llm.tucka.model import routing
 
@@ -73,10 +76,33 @@ def export_merged(
     adapter, out = Path(adapter), Path(out)
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: not supported; choose one of {', '.join(DTYPES)}.")
+    check_flags(device, max_shard_size, calibration_samples)
     config = read_adapter_config(adapter)
     base = base or config.base_model_name_or_path
     if not base:
         raise ExportError(f"--adapter {adapter}: its adapter_config.json records no base model; pass --base.")
+    # One export to an --out at a time: the lock sits beside it, since the checkpoint replaces --out as a whole.
+    with exclusive(out.parent / f".{out.name}{LOCK_FILE}", f"--out {out}"):
+        return _export(adapter, out, config, base, route, dtype, calibration_data, calibration_samples, device,
+                       max_shard_size, force)  # fmt: skip
+
+
+def _export(
+    adapter: Path,
+    out: Path,
+    config: peft.PeftConfig,
+    base: str,
+    route: str | None,
+    dtype: str,
+    calibration_data: str | None,
+    calibration_samples: int,
+    device: str | None,
+    max_shard_size: str,
+    force: bool,
+) -> ExportResult:
+    """``export_merged`` once its flags are read and ``out`` is locked."""
+    for stale in remove_stale_directories(out):
+        logger.info("removed %s, left by an export to %s that was stopped", stale, out)
     check_output(out, force, inputs=[adapter, Path(base)])
     method = adapter_method(config)
     spec = RouteSpec.parse(route or DEFAULT_ROUTE)
@@ -116,6 +142,31 @@ def export_merged(
     atomic_directory(out, write, replace=force)
     logger.info("merged %s checkpoint (%s) written to %s", method, dtype, out)
     return ExportResult(out, method, dtype, chosen)
+
+
+def check_flags(device: str | None, max_shard_size: str, calibration_samples: int) -> None:
+    """Refuse, before any work, a --device this machine lacks, a --max-shard-size that is no size, and a
+    --calibration-samples below 1 (each failed late, with a traceback, after the merge)."""
+    if device is not None:
+        try:
+            where = torch.device(device)
+        except (RuntimeError, ValueError) as error:
+            raise ExportError(f"--device {device}: not a device name ({error}); use cpu or cuda[:N].") from None
+        if where.type == "cuda" and (where.index or 0) >= torch.cuda.device_count():
+            raise ExportError(
+                f"--device {device}: not present ({torch.cuda.device_count()} CUDA devices here); use cpu or one "
+                "that is."
+            )
+        if where.type not in ("cpu", "cuda"):
+            raise ExportError(f"--device {device}: export merges on cpu or cuda[:N].")
+    try:
+        shard_bytes = parse_size_to_int(max_shard_size)
+    except ValueError as error:
+        raise ExportError(f"--max-shard-size {max_shard_size}: not a size ({error}); write it like 5GB.") from None
+    if shard_bytes <= 0:
+        raise ExportError(f"--max-shard-size {max_shard_size}: must be more than 0 bytes.")
+    if calibration_samples < 1:
+        raise ExportError(f"--calibration-samples must be at least 1, got {calibration_samples}.")
 
 
 def read_adapter_config(adapter: Path) -> peft.PeftConfig:
@@ -161,24 +212,19 @@ def load_base(base: str) -> PreTrainedModel:
     """The base model on the CPU in the dtype it is stored in (no up-cast of the whole model)."""
     try:
         return AutoModelForCausalLM.from_pretrained(base, dtype="auto", low_cpu_mem_usage=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
         raise ExportError(
             f"--base {base}: could not load it ({error}). Give the base model the adapter was trained on."
         ) from error
 
 
 def load_adapter(model: PreTrainedModel, adapter: Path) -> peft.PeftModel:
-    """The adapter on ``model`` (adapter weights in fp32); a base of other shapes is an error naming both."""
+    """The adapter on ``model`` (adapter weights in fp32); a base it does not fit, a non-finite or unreadable
+    adapter is an error naming the layers or the file (``load_checked_adapter``)."""
     try:
-        return peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError, SafetensorError) as error:
-        text = str(error)
-        if "size mismatch" in text or "shape" in text or "not found" in text.lower():
-            raise ExportError(
-                f"--adapter {adapter} does not fit --base {model.name_or_path}: {text.strip().splitlines()[-1]} "
-                "Pass the base model the adapter was trained on."
-            ) from error
-        raise ExportError(f"--adapter {adapter}: could not load it onto {model.name_or_path} ({text}).") from error
+        return load_checked_adapter(model, adapter, "--base")
+    except AdapterLoadError as error:
+        raise ExportError(str(error)) from error
 
 
 def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
@@ -226,9 +272,9 @@ def merge_layer_by_layer(
     model: peft.PeftModel, chosen: ChosenRoute | None, dtype: torch.dtype, device: torch.device
 ) -> PreTrainedModel:
     """Merge every adapted layer in fp32 on ``device`` and cast it to ``dtype``; return the plain base model."""
-    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
     with routing(model, chosen.route) if chosen is not None else contextlib.nullcontext():
-        for layer in tqdm(layers, desc="merging", unit="layer"):
+        for name, layer in tqdm(layers, desc="merging", unit="layer"):
             weight = layer.get_base_layer().weight
             home = weight.device
             layer.to(device)
@@ -236,6 +282,12 @@ def merge_layer_by_layer(
             weight.data = weight.data.float()
             layer.merge()
             weight.data = weight.data.to(dtype)
+            if not bool(torch.isfinite(weight.data).all()):
+                raise ExportError(
+                    f"--dtype {str(dtype).removeprefix('torch.')}: the merged weight of {name} is not finite (NaN, or "
+                    "out of the dtype's range); the base may hold non-finite values, or choose --dtype bfloat16 or "
+                    "float32."
+                )
             layer.to(home)
     plain = model.unload()
     return plain.to(dtype)

@@ -6,6 +6,7 @@ import logging
 
 import peft
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
@@ -26,7 +27,7 @@ def load_base_model(options: TrainOptions) -> PreTrainedModel:
     dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
     try:
         return AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype, low_cpu_mem_usage=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
         raise ModelError(
             f"--model {options.model}: could not load it ({error}). Give a local model directory or a hub id this "
             "machine can download."

@@ -27,17 +27,24 @@ def _numbered(directory: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    return (checkpoint / COMPLETE_MARKER).is_file()
+    """Whether ``checkpoint`` has a readable completion marker (a truncated one does not count)."""
+    return completed_step(checkpoint) is not None
 
 
 def mark_complete(checkpoint: Path, step: int) -> None:
-    """Rank 0, after every rank has written its part of ``checkpoint``."""
+    """Rank 0, after every rank has written its part of ``checkpoint``. A checkpoint that is gone (rotated away by
+    another writer) is not recreated as an empty "complete" one: that is an error."""
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint}: the checkpoint to mark complete is gone; was another run writing here?")
     atomic_write_json(checkpoint / COMPLETE_MARKER, {"step": step})
 
 
-def completed_step(checkpoint: Path) -> int:
-    """The optimizer step a complete checkpoint was taken at (from its marker)."""
-    return int(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["step"])
+def completed_step(checkpoint: Path) -> int | None:
+    """The optimizer step a complete checkpoint was taken at (from its marker); None without a readable marker."""
+    try:
+        return int(json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):  # missing, truncated or not ours (JSONDecodeError, UTF-8)
+        return None
 
 
 def latest_complete(directory: Path) -> Path | None:

@@ -8,12 +8,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from transformers import SchedulerType
+
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
 from tucka_llm.tucka.routing import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
 PRECISIONS = ("bf16", "fp32")
+SCHEDULERS = tuple(s.value for s in SchedulerType)  # transformers' names, checked before anything is written
 REFERENCE_GLOBAL_BATCH = 32  # sequences per optimizer step in the paper's run (section 6 of the method notes)
 
 
@@ -72,8 +75,12 @@ class TrainOptions:
 
 
 def _positive(kind: type) -> Any:
+    """A flag's parser for a number > 0; a float must also be finite (nan or inf would train silently to NaN)."""
+
     def parse(text: str) -> Any:
         value = kind(text)
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -82,13 +89,24 @@ def _positive(kind: type) -> Any:
     return parse
 
 
+def _non_negative(text: str) -> float:
+    """A flag's parser for a finite float >= 0 (weight decay, clipping norm, DAI perturbation)."""
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+_non_negative.__name__ = "float"
+
+
 def _alpha(text: str) -> float | str:
     if text == "auto":
         return text
-    value = _positive(float)(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number > 0, got {text}")
-    return value
+    try:
+        return _positive(float)(text)
+    except (argparse.ArgumentTypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a finite number > 0, got {text}") from None
 
 
 _alpha.__name__ = "alpha"
@@ -186,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
         "this flag normalize_gates=%(default)s)",
     )
     method.add_argument(
-        "--perturb-scale", type=float, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
+        "--perturb-scale", type=_non_negative, default=d.perturb_scale, help="TuckA: DAI perturbation a, eps ~ U(-a, a)"
     )
     method.add_argument(
         "--dai-samples",
@@ -226,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr", type=_positive(float), default=d.lr, help="peak learning rate")
     opt.add_argument("--lr-scheduler", default=d.lr_scheduler, help="transformers scheduler name")
     opt.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="share of steps of linear warmup")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    opt.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="gradient clipping (0: none)")
+    opt.add_argument("--weight-decay", type=_non_negative, default=d.weight_decay, help="AdamW weight decay")
+    opt.add_argument("--max-grad-norm", type=_non_negative, default=d.max_grad_norm, help="gradient clipping (0: none)")
     opt.add_argument(
         "--optim",
         choices=OPTIMIZERS,
@@ -267,9 +285,11 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     parser = build_parser()
     namespace = parser.parse_args(argv)
     options = TrainOptions(**{f.name: getattr(namespace, f.name) for f in fields(TrainOptions)})
-    for name in ("model", "tokenizer"):  # a local directory is recorded absolute: export finds it from anywhere
+    # Local paths are recorded absolute: export finds the model from anywhere, and --resume compares the files
+    # themselves, however they were typed or wherever the command is run from.
+    for name in ("model", "tokenizer", "data", "ds"):
         value = getattr(options, name)
-        if value is not None and Path(value).is_dir():
+        if value is not None and Path(value).exists():
             setattr(options, name, str(Path(value).resolve()))
     if not options.target_module_list:
         parser.error("--target-modules is empty: give module names such as q_proj,v_proj.")
@@ -277,6 +297,8 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
         parser.error(f"--warmup-ratio must be in [0, 1), got {options.warmup_ratio}.")
     if not 0 <= options.lora_dropout < 1:
         parser.error(f"--lora-dropout must be in [0, 1), got {options.lora_dropout}.")
+    if options.lr_scheduler not in SCHEDULERS:
+        parser.error(f"--lr-scheduler {options.lr_scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}.")
     if options.ds is not None and not Path(options.ds).is_file():
         parser.error(f"--ds {options.ds}: no such file (the configs are in ds_configs/).")
     return options

@@ -7,6 +7,7 @@ the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI v
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -30,9 +31,10 @@ from transformers import (
 )
 
 import tucka_llm
-from tucka_llm.atomic import atomic_write_json, atomic_write_text
+from tucka_llm.atomic import atomic_write_json, atomic_write_text, sync_files
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.locking import LOCK_FILE, exclusive_directory
 from tucka_llm.training import checkpoints
 from tucka_llm.training.adapters import add_adapter, load_base_model, router_centers, router_centroids
 from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
@@ -52,8 +54,12 @@ logger = logging.getLogger("tucka_llm")
 RUN_CONFIG = "run_config.json"
 METRICS = "metrics.jsonl"
 FINAL_FILES_LAST = ("adapter_config.json", "adapter_model.safetensors")  # their presence means "finished"
+# What a run writes before its first complete checkpoint (with the lock and the final adapter's staging folder):
+# a directory holding only these has no finished work, and a new run may start over it.
+LEFTOVERS = {LOCK_FILE, RUN_CONFIG, METRICS, ROUTER_CALIBRATION, "tensorboard", "checkpoints", ".final.tmp"}
 # Flags that may change between an interrupted run and its --resume without changing what is computed.
-RESUMABLE_CHANGES = {"resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
+# --output too: the directory being resumed is the run, wherever it was moved.
+RESUMABLE_CHANGES = {"output", "resume", "stop_at_step", "save_steps", "save_total_limit", "logging_steps"}
 
 
 class RunError(ValueError):
@@ -105,12 +111,37 @@ def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
         config = json.loads(Path(options.ds).read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise RunError(f"--ds {options.ds}:{error.lineno}: not valid JSON ({error.msg}).") from error
+    except UnicodeDecodeError as error:
+        raise RunError(f"--ds {options.ds}: not UTF-8 text ({error.reason} at byte {error.start}).") from error
+    check_ds_config(config, options.ds)
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offload and options.optim == "adamw_8bit":
         raise RunError(f"--optim adamw_8bit cannot run with the optimizer offloaded to the CPU by --ds {options.ds}.")
     if "optimizer" in config and options.optim != "adamw_torch":
         raise RunError(f"--ds {options.ds} defines its own optimizer; drop --optim {options.optim} or that section.")
     return config
+
+
+def check_ds_config(config: Any, path: str) -> None:
+    """Refuse, before anything is written, a DeepSpeed config that the engine would reject only after the run
+    directory was set up: not a JSON object, or a ``zero_optimization`` section DeepSpeed's own schema refuses
+    (unknown keys, a stage that is not 0-3, wrong types). "auto" values are left to the Trainer to fill."""
+    if not isinstance(config, dict):
+        raise RunError(f"--ds {path}: must hold a JSON object ({{...}}), not {type(config).__name__}.")
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise RunError(f"--ds {path}: zero_optimization must be an object, got {json.dumps(zero)}.")
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**{key: value for key, value in zero.items() if value != "auto"})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {json.dumps(e.get('input'), default=str)})"
+            for e in error.errors()
+        )
+        raise RunError(f"--ds {path}: zero_optimization is not valid for DeepSpeed: {problems}.") from None
 
 
 def _zero_stage(ds_config: dict[str, Any] | None) -> int:
@@ -133,11 +164,19 @@ def keep_adapter_whole(ds_config: dict[str, Any], model: torch.nn.Module) -> Non
     zero["stage3_param_persistence_threshold"] = max(int(threshold), largest)
 
 
-def check_output(output: Path, options: TrainOptions) -> Path | None:
-    """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None)."""
+def check_output(output: Path, options: TrainOptions, world_size: int) -> Path | None:
+    """Refuse to mix runs in one directory; with --resume return the newest complete checkpoint (or None).
+
+    A new run may start over a directory that holds no finished work: only what a run that failed before its
+    first complete checkpoint leaves (``LEFTOVERS``), which rank 0 then clears. Anything else needs --resume or
+    another --output.
+    """
     finished = all((output / name).is_file() for name in FINAL_FILES_LAST)
     if not options.resume:
-        if output.exists() and any(output.iterdir()):
+        if output.exists() and (
+            any(p.name not in LEFTOVERS for p in output.iterdir())
+            or checkpoints.latest_complete(output / "checkpoints") is not None
+        ):
             raise RunError(
                 f"--output {output} is not empty: pass --resume to continue the run in it, or choose another --output."
             )
@@ -147,7 +186,19 @@ def check_output(output: Path, options: TrainOptions) -> Path | None:
     config_path = output / RUN_CONFIG
     if not config_path.is_file():
         raise RunError(f"--resume: {output} has no {RUN_CONFIG}, so no run to resume; drop --resume to start one.")
-    before = json.loads(config_path.read_text(encoding="utf-8"))["options"]
+    try:
+        recorded = json.loads(config_path.read_text(encoding="utf-8"))
+        before, ranks = recorded["options"], recorded.get("world_size", world_size)
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(
+            f"--resume: {config_path} is unreadable ({type(error).__name__}: {error}), so the run's flags are "
+            "unknown; start a new run in another --output."
+        ) from None
+    if ranks != world_size:
+        raise RunError(
+            f"--resume: the run in {output} was started on {ranks} ranks, now {world_size}; resume it on {ranks} "
+            "(its DeepSpeed checkpoint holds the optimizer state per rank)."
+        )
     changed = {
         key: (before.get(key), value)
         for key, value in options.to_dict().items()
@@ -233,6 +284,7 @@ def training_arguments(
         save_total_limit=None,  # RunTrainer rotates, counting complete checkpoints only
         report_to=["tensorboard"],
         include_num_input_tokens_seen="non_padding",
+        logging_nan_inf_filter=False,  # a NaN loss stays visible (and stops the run: RunTrainer)
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -247,16 +299,35 @@ def train(options: TrainOptions) -> Path | None:
     ds_config = load_ds_config(options)
     if world_size > 1 and ds_config is None:
         raise RunError("Several ranks need DeepSpeed: pass --ds ds_configs/zero2.json (or another config).")
-    resume_from = check_output(output, options)
+    # Rank 0 holds --output's lock for the whole run (the other ranks write only what rank 0 lets them, after
+    # barriers): a second run on the same directory, even one started while these ranks outlive their launcher,
+    # is refused with this rank's pid.
+    with exclusive_directory(output, f"--output {output}") if rank == 0 else contextlib.nullcontext():
+        return _train(options, output, rank, world_size, grad_accum, ds_config)
+
+
+def _train(
+    options: TrainOptions, output: Path, rank: int, world_size: int, grad_accum: int, ds_config: dict | None
+) -> Path | None:
+    """``train`` once the options are checked and, on rank 0, --output is locked."""
+    # Rank 0 checks --output first, so that a refusal (in use, not empty, changed flags) is its one line: the
+    # launcher ends the other ranks, which wait at the barrier, before they could report something else.
+    resume_from = check_output(output, options, world_size) if rank == 0 else None
     if ds_config is not None:
         import deepspeed
 
         deepspeed.init_distributed()
-    _barrier()  # every rank has checked the output directory (and mapped its peers' shared memory)
+    _barrier()  # rank 0 accepted the output directory (and every rank mapped its peers' shared memory)
+    if rank != 0:
+        resume_from = check_output(output, options, world_size)  # rank 0 changes nothing before the next barrier
+    _barrier()
     _unlink_cpu_allreduce_buffer(rank)
     if rank == 0:
         output.mkdir(parents=True, exist_ok=True)
-        _prepare_resume(output, resume_from)
+        if options.resume:
+            _prepare_resume(output, resume_from)
+        else:
+            _clear_leftovers(output)
 
     tokenizer = load_tokenizer(options)
     with main_process_first(rank):
@@ -360,6 +431,16 @@ def _prepare_resume(output: Path, resume_from: Path | None) -> None:
         atomic_write_text(metrics, "".join(line + "\n" for line in kept))
 
 
+def _clear_leftovers(output: Path) -> None:
+    """Rank 0, new run: remove what a run that failed before its first complete checkpoint left (``LEFTOVERS``)."""
+    for name in sorted(LEFTOVERS - {LOCK_FILE}):
+        path = output / name
+        if not path.exists():
+            continue
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info("removed %s, left by a run that stopped before its first complete checkpoint", path)
+
+
 def _step_of(line: str) -> float:
     try:
         return json.loads(line)["step"]
@@ -393,6 +474,7 @@ def _save_final(trainer: RunTrainer, output: Path, rank: int) -> None:
     _barrier()
     if rank == 0:
         (staging / "training_args.bin").unlink(missing_ok=True)
+        sync_files(staging)  # on disk, and mode 0644 like the run's other files (safetensors creates 0600)
         names = sorted(p.name for p in staging.iterdir() if p.name not in FINAL_FILES_LAST)
         for name in [*names, *FINAL_FILES_LAST]:
             os.replace(staging / name, output / name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import resource
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tucka_llm.atomic import atomic_write_json
+from tucka_llm.atomic import atomic_write_json, sync_files
 from tucka_llm.training import checkpoints
 from tucka_llm.tucka.model import routing_states
 from tucka_llm.tucka.routing import ExpertLoad
@@ -55,7 +56,13 @@ class RunTrainer(Trainer):
         if "loss" in logs and self.is_world_process_zero():
             record = {"step": self.state.global_step, "time": time.time(), **logs}
             with self.metrics_path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(metrics_line(record))
+
+    def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+        """Stop at the first optimizer step whose loss, gradient norm or updated adapter is not finite, before it
+        is logged or checkpointed: the run's complete checkpoints are then all from finite steps."""
+        check_step_finite(self, tr_loss, grad_norm)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _throughput(self) -> dict[str, float]:
         now, tokens = time.perf_counter(), int(self.state.num_input_tokens_seen)
@@ -86,8 +93,46 @@ class RunTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
         if self.is_world_process_zero():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            sync_files(folder)  # the shards are on disk before the marker says they are complete
             checkpoints.mark_complete(folder, self.state.global_step)
             checkpoints.rotate(Path(self.args.output_dir), self.keep_checkpoints)
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN or infinite value; the message names the step and what was not finite."""
+
+
+def check_step_finite(trainer: Trainer, tr_loss: torch.Tensor, grad_norm: Any) -> None:
+    """Raise NonFiniteError naming the step if the loss (on any rank), the gradient norm or an adapter weight is
+    not finite. Every rank reaches the same verdict (the loss flag is summed over ranks, the gradient norm and the
+    adapter are the same on every rank), so every rank stops and none waits at a collective."""
+    step = trainer.state.global_step
+    local = torch.tensor([0.0 if bool(torch.isfinite(tr_loss).all()) else 1.0], device=trainer.args.device)
+    problems = []
+    if trainer.accelerator.reduce(local, reduction="sum").item() > 0:
+        problems.append("the training loss")
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        problems.append(f"the gradient norm ({float(grad_norm)})")
+    weights = non_finite_parameters(trainer.model)
+    if weights:
+        problems.append(f"the adapter weights after the update ({', '.join(weights[:3])})")
+    if problems:
+        raise NonFiniteError(
+            f"step {step}: not finite (NaN or inf): {'; '.join(problems)}. The run stopped before logging or saving "
+            "this step; its complete checkpoints are from earlier steps. Lower --lr or --alpha, or check the data, "
+            "and start the run again."
+        )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the trainable parameters that hold a NaN or an infinity."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+
+
+def metrics_line(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line: strict JSON, with a NaN or infinity written as null (bare NaN is not JSON)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
 
 
 def _tucka_states(model: nn.Module) -> list[tuple[str, Any]]:
