@@ -1,8 +1,9 @@
 """Small-scale quality over seeds: LoRA r32 and TuckA under each router on SmolLM2-135M-Instruct, same data and steps.
 
     python bench/quality_small.py --seeds 2                      # LoRA, TuckA centred and dai; 30 steps x 8 each
-    python bench/quality_small.py --seeds 3 --routers centred,dai,redraw --steps 60 --held-out 100
-    python bench/quality_small.py --seeds 1 --steps 2 --held-out 8             # the pipeline only
+    python bench/quality_small.py --seeds 5 --variants tucka-centred           # more seeds of one variant
+    python bench/quality_small.py --seeds 3 --variants lora,tucka-centred,tucka-redraw --steps 60 --held-out 100
+    python bench/quality_small.py --seeds 1 --steps 2 --held-out 8 --work /tmp/q            # the pipeline only
     python bench/quality_small.py --seeds 2 --table-only                       # the table from what has finished
 
 Each run is trained and merged by the demo's own stages (``tucka_llm.demo.training_stages``: the launcher under
@@ -44,6 +45,7 @@ from tucka_llm.export.route import DEFAULT_ROUTE, ExportError, RouteSpec, choose
 from tucka_llm.report import read_metrics, series, trainable_parameters
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.stages import StageFailed, run_stages
+from tucka_llm.tucka.routing import ROUTERS
 
 FOLDS = ("expected", "majority", "centroid")
 FIRST_SEED = 42  # the launcher's default --seed; seed i of the bench is 42 + i
@@ -138,7 +140,9 @@ def print_tables(work: Path, variants: list[str], seeds: list[int], base_loss: f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=2, help="runs per variant (seeds 42, 43, ...)")
-    parser.add_argument("--routers", default="centred,dai", help="TuckA routers compared with LoRA")
+    parser.add_argument(
+        "--variants", default="lora,tucka-centred,tucka-dai", help="lora and tucka-ROUTER runs, in this order"
+    )
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of 8 sequences per run")
     parser.add_argument("--held-out", type=int, default=48, help="GSM8K test problems for the held-out loss")
     parser.add_argument("--work", type=Path, default=Path("runs/quality_small"))
@@ -148,9 +152,11 @@ def main() -> None:
     base = smollm2_checkpoint(args.model_cache)
     work = args.work.resolve()
     size = DemoSize(steps=args.steps, problems=0, max_new_tokens=0)
-    variants = {"lora": ("lora", [])} | {
-        f"tucka-{router}": ("tucka", ["--router", router]) for router in args.routers.split(",")
-    }
+    variants: dict[str, tuple[str, list[object]]] = {}
+    for name in args.variants.split(","):
+        if name != "lora" and name.removeprefix("tucka-") not in ROUTERS:
+            parser.error(f"--variants: unknown {name!r}; give lora or tucka-ROUTER ({', '.join(ROUTERS)}).")
+        variants[name] = ("lora", []) if name == "lora" else ("tucka", ["--router", name.removeprefix("tucka-")])
     seeds = [FIRST_SEED + i for i in range(args.seeds)]
     batches = held_out_batches(shipped_test_records("gsm8k", args.held_out), AutoTokenizer.from_pretrained(base))
     base_record = work / "base-measure.json"
