@@ -6,6 +6,7 @@ Each command is a subparser whose ``main`` receives the parsed arguments, so a n
 from __future__ import annotations
 
 import argparse
+import sys
 
 from tucka_llm import report
 
@@ -40,9 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _held_out_loss(args: argparse.Namespace) -> None:
-    from tucka_llm.eval.loss import write_held_out_loss  # torch and transformers: loaded for this command only
+    from tucka_llm.adapter_loading import AdapterLoadError  # torch and transformers: loaded for this command only
+    from tucka_llm.data import DataError
+    from tucka_llm.eval.loss import write_held_out_loss
 
-    write_held_out_loss(args)
+    try:
+        write_held_out_loss(args)
+    except (AdapterLoadError, DataError) as error:
+        sys.exit(f"error: {error}")
 
 
 def main(argv: list[str] | None = None) -> None:

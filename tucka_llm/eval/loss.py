@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import peft
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
+from tucka_llm.adapter_loading import load_checked_adapter
 from tucka_llm.atomic import atomic_write_json
 from tucka_llm.data import DataError, asset_path, gsm8k_to_metamathqa, tokenize_metamathqa, tokenizer_source
 
@@ -75,13 +75,14 @@ def held_out_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 
 
 def load_model(model: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A model (or a base with an unmerged adapter) in eval mode; a missing directory is a DataError naming it."""
+    """A model (or a base with an unmerged adapter, checked as evaluation checks it: ``load_checked_adapter``) in
+    eval mode; a model that does not load is a DataError naming it, an adapter that does not fit an AdapterLoadError."""
     try:
         loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-        if adapter is not None:
-            loaded = peft.PeftModel.from_pretrained(loaded, adapter)
     except (OSError, ValueError) as error:
-        raise DataError(f"--model {model} / --adapter {adapter}: could not load ({error}).") from error
+        raise DataError(f"--model {model}: could not load it ({error}).") from error
+    if adapter is not None:
+        loaded = load_checked_adapter(loaded, Path(adapter), "--model")
     return loaded.eval()
 
 

@@ -244,7 +244,9 @@ class Router:
         """Whether the router has trained centroids E (the redraw router draws them anew at every forward)."""
         return self.kind != "redraw"
 
-    def features(self, x: torch.Tensor, attention_mask: torch.Tensor | None, centroids_dtype: torch.dtype):
+    def features(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, centroids_dtype: torch.dtype
+    ) -> torch.Tensor:
         """The routing feature h of each sequence. ``dai`` averages in E's dtype, as it always has (old adapters
         route exactly as before); the others average and centre in float32, so a bf16 run's h - e_bar is exact."""
         return routing_features(x.to(centroids_dtype) if self.kind == "dai" else x.float(), attention_mask)
@@ -293,18 +295,20 @@ class Router:
         None for ``redraw``, which keeps no E."""
         if not self.has_centroids:
             return None
-        rows = self.k * self.t - (1 if self.kind == "dai" else 0)
-        generator = torch.Generator().manual_seed(seed)
-        noise = (torch.rand(rows, e.numel(), generator=generator) * 2 - 1) * self.perturb_scale
+        noise = self._perturbations(self.k * self.t - (1 if self.kind == "dai" else 0), e.numel(), seed)
         e = e.float().cpu()
         return torch.cat([e.unsqueeze(0), e + noise]) if self.kind == "dai" else e + noise
 
     def redraw_noise(self, d: int, draw: tuple[int, int]) -> torch.Tensor:
         """The redraw router's perturbations for one forward: (k*t, d), first row 0, the rest U(-a, a), seeded by
         (seed, step, forward) so that the same step of a resumed run draws the same."""
-        generator = torch.Generator().manual_seed(_seed_of(self.seed, *draw))
-        noise = (torch.rand(self.k * self.t - 1, d, generator=generator) * 2 - 1) * self.perturb_scale
+        noise = self._perturbations(self.k * self.t - 1, d, _seed_of(self.seed, *draw))
         return torch.cat([torch.zeros(1, d), noise])
+
+    def _perturbations(self, rows: int, d: int, seed: int) -> torch.Tensor:
+        """eps ~ U(-a, a), (rows, d), from a CPU generator seeded with ``seed`` (the same on every rank and device)."""
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.rand(rows, d, generator=generator) * 2 - 1) * self.perturb_scale
 
 
 def fixed_route(route: Route | RouteMixture, device: torch.device, dtype: torch.dtype) -> ActiveRoute:
