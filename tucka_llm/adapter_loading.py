@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-import tucka_llm  # noqa: F401  (registers TuckA with peft)
+import tucka_llm  # registers TuckA with peft
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -60,6 +60,15 @@ def load_checked_adapter(model: PreTrainedModel, adapter: Path, base_flag: str) 
             "trained on."
         )
     return loaded
+
+
+def adapter_method(config: peft.PeftConfig) -> str:
+    """ "tucka", "lora" or "dora"; another peft method is an AdapterLoadError."""
+    if isinstance(config, tucka_llm.TuckAConfig):
+        return "tucka"
+    if isinstance(config, peft.LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    raise AdapterLoadError(f"The adapter is a {config.peft_type} adapter.")
 
 
 def _saved_weights(adapter: Path) -> dict[str, torch.Tensor]:
