@@ -16,8 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tucka_llm
+from tucka_llm.eval import backends
+from tucka_llm.eval.backends import EvalError
 from tucka_llm.eval.problems import load_problems
-from tucka_llm.eval.run import EvalOptions
+from tucka_llm.eval.run import EvalOptions, evaluate
 from tucka_llm.export import ExportError
 from tucka_llm.export.cli import main as export_main
 from tucka_llm.export.lora import export_lora
@@ -194,3 +196,54 @@ def test_what_cannot_be_served_as_routed_lora_is_refused(adapters, tiny_model, t
     with pytest.raises(ExportError, match=r"routes at 'model.layers.1.self_attn.q_proj', whose input is not"):
         export_lora(tmp_path / "late", tmp_path / "a", calibration_data="gsm8k-train", calibration_samples=8)
     assert not (tmp_path / "a").exists()
+
+
+def read_responses(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "responses.jsonl").read_text().splitlines()]
+
+
+def evaluate_both(adapter: Path, tiny_model: Path, output: Path, limit: int, **settings) -> dict[str, tuple]:
+    """The same evaluation on vLLM (in this process: its engine starts in seconds) and on hf."""
+    runs = {}
+    for backend in ("vllm", "hf"):
+        options = EvalOptions(
+            task="gsm8k", model=str(tiny_model), adapter=str(adapter), data="gsm8k", limit=limit, backend=backend,
+            max_new_tokens=12, dtype="float32", batch_size=limit, output=str(output / backend), **settings,
+        )  # fmt: skip
+        runs[backend] = evaluate(options), read_responses(output / backend)
+    return runs
+
+
+@pytest.mark.skipif(not backends.vllm_available(), reason="the eval-cpu extra installs vLLM's CPU build")
+def test_vllm_routed_and_hf_unmerged_evaluations_record_the_same_routes_and_greedy_completions(
+    adapters, tiny_model, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    runs = evaluate_both(adapters["tucka"], tiny_model, tmp_path, 12, gate_levels=LEVELS)
+    (vllm_summary, vllm_records), (hf_summary, hf_records) = runs["vllm"], runs["hf"]
+    assert [r["route"] for r in vllm_records] == [r["route"] for r in hf_records]
+    assert [r["completion"] for r in vllm_records] == [r["completion"] for r in hf_records]
+    assert all(r["tokens"] > 0 for r in vllm_records)
+    assert len({r["route"]["group"] for r in vllm_records}) >= 2  # routed: a merged model could not do this
+    load = vllm_summary["group_load"]
+    assert load == hf_summary["group_load"] and sum(load["counts"]) == 12 and len(load["counts"]) == 3
+    assert vllm_summary["gate_levels"] == hf_summary["gate_levels"] == LEVELS
+    made = sorted(p.name for p in (tmp_path / "vllm" / "routed_lora" / "routes").iterdir())
+    assert made == sorted({route_name(Route(**r["route"])) for r in vllm_records})
+    assert len(made) == load["distinct_routes"]
+
+
+@pytest.mark.skipif(not backends.vllm_available(), reason="the eval-cpu extra installs vLLM's CPU build")
+def test_vllm_serves_a_lora_adapter_as_it_is_and_refuses_dora_pointing_to_merged_export(
+    adapters, tiny_model, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    runs = evaluate_both(adapters["lora"], tiny_model, tmp_path, 4)
+    assert [r["completion"] for r in runs["vllm"][1]] == [r["completion"] for r in runs["hf"][1]]
+    assert "route" not in runs["vllm"][1][0] and "group_load" not in runs["vllm"][0]
+    options = EvalOptions(task="gsm8k", model=str(tiny_model), adapter=str(adapters["dora"]), data="gsm8k")
+    with pytest.raises(EvalError, match=r"DoRA adapter, which vLLM cannot serve: export it merged \(python launch/"):
+        evaluate(options)
+    options.adapter, options.gate_levels = str(adapters["lora"]), 3
+    with pytest.raises(EvalError, match=r"--gate-levels applies to TuckA adapters; .* holds a lora adapter"):
+        evaluate(options)

@@ -7,6 +7,7 @@ errors here, and so is an adapter file that does not load, each in one line that
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -60,6 +61,14 @@ def load_checked_adapter(model: PreTrainedModel, adapter: Path, base_flag: str) 
             "trained on."
         )
     return loaded
+
+
+def saved_adapter_config(adapter: Path) -> peft.PeftConfig:
+    """The peft config saved in ``adapter`` (TuckA's too), or an AdapterLoadError saying why it cannot be read."""
+    try:
+        return peft.PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, TypeError, KeyError, OSError, json.JSONDecodeError) as error:
+        raise AdapterLoadError(f"--adapter {adapter}: adapter_config.json is unreadable ({error}).") from error
 
 
 def adapter_method(config: peft.PeftConfig) -> str:

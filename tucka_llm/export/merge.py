@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, load_checked_adapter
+from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, load_checked_adapter, saved_adapter_config
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
@@ -201,9 +201,9 @@ def read_adapter_config(adapter: Path) -> peft.PeftConfig:
     if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ExportError(f"--adapter {adapter}: adapter_config.json but no adapter_model.safetensors beside it.")
     try:
-        return peft.PeftConfig.from_pretrained(str(adapter))
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
-        raise ExportError(f"--adapter {adapter}: adapter_config.json is unreadable ({error}).") from error
+        return saved_adapter_config(adapter)
+    except AdapterLoadError as error:
+        raise ExportError(str(error)) from error
 
 
 def export_method(config: peft.PeftConfig) -> str:
