@@ -161,6 +161,9 @@ def test_export_writes_the_calibration_routes_a_manifest_and_the_router(routed_e
     for record in routes:
         assert (routed_export / "routes" / record["name"] / "adapter_model.safetensors").is_file()
         assert math.isclose(sum(record["gates"]), 1.0, rel_tol=1e-6)
+    modules = RoutedLoRA(routed_export).lora_modules()  # for vllm serve --lora-modules
+    assert {r["name"] for r in routes} <= {m.split("=")[0] for m in modules}
+    assert all(Path(m.split("=")[1]).is_dir() for m in modules)
     router_tensors = load_file(routed_export / "router" / "router.safetensors")
     assert set(router_tensors) == {"embedding.weight", "norm.weight", "centroids", "center"}
 

@@ -134,6 +134,11 @@ class RoutedLoRA:
         as saved): use the dtype the model is served in."""
         return PromptRouter.load(self.directory / ROUTER_DIR, dtype, self.gate_levels)
 
+    def lora_modules(self) -> list[str]:
+        """``NAME=PATH`` of every route adapter made so far: the arguments of ``vllm serve ... --lora-modules``."""
+        routes = sorted((self.directory / ROUTES_DIR).glob(f"*/{LORA_WEIGHTS}"))
+        return [f"{path.parent.name}={path.parent.resolve()}" for path in routes]
+
     def adapter(self, route: Route) -> Path:
         """The directory of ``route``'s LoRA adapter, written (atomically) if it is not there yet."""
         route.check(self.k, self.t)
