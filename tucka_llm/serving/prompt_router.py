@@ -50,7 +50,7 @@ class PromptRouter:
         input_names: dict[str, str],
         gate_levels: int | None = None,
     ) -> None:
-        self.embedding, self.norm = embedding.eval(), norm.eval()
+        self.embedding, self.norm = embedding, norm
         self.router, self.centroids, self.center = router, centroids, center
         self.input_names = input_names  # {"embedding": name, "norm": name}: where the modules are in the base
         self.gate_levels = gate_levels
@@ -72,7 +72,7 @@ class PromptRouter:
             )
         base = model.get_base_model()
         embedding_name, norm_name = input_module_names(base, state.router_module)
-        centroids, center = (None if t is None else t.detach().cpu() for t in layer.router_tensors(name))
+        centroids, center = (None if t is None else t.detach() for t in layer.router_tensors(name))
         names = {"embedding": embedding_name, "norm": norm_name}
         modules = (base.get_submodule(embedding_name), base.get_submodule(norm_name))
         return cls(*modules, state.router, centroids, center, names, gate_levels)
@@ -96,7 +96,7 @@ class PromptRouter:
     @torch.no_grad()
     def routes_of_features(self, features: torch.Tensor) -> list[Route]:
         """The routes of routing features (n, d), e.g. those training recorded for its calibration sample."""
-        active = self.router.route_features(features, self.centroids, self.center)
+        active = self.router.route_features(features.to(self.embedding.weight.device), self.centroids, self.center)
         if self.gate_levels is not None:
             active = self.router.quantise(active, self.gate_levels)
         return [Route(g, gates) for g, gates in zip(active.group.tolist(), active.gates.tolist(), strict=True)]
@@ -136,7 +136,7 @@ class PromptRouter:
             prefix = f"{role}."
             weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             module.load_state_dict(weights, assign=True)  # assign: the saved dtype, not the skeleton's
-            modules.append(module.to(dtype) if dtype is not None else module)
+            modules.append((module.to(dtype) if dtype is not None else module).eval())
         router = Router(**settings["router"])
         return cls(*modules, router, tensors.get("centroids"), tensors.get("center"), settings["inputs"], gate_levels)
 
