@@ -14,7 +14,8 @@ each backend generated.
 With ``--adapter`` (a TuckA adapter; ``--model`` defaults to its base, SmolLM2-135M-Instruct offline when that is
 where it was trained): vLLM serving it routed (each prompt its route's LoRA adapter, ``--gate-levels``; the number
 of distinct adapters is reported), vLLM serving it merged (``launch/export.py``'s default fold, in ``--dtype``), and
-transformers with the adapter unmerged (each sequence on its own route, the same gate levels).
+transformers with the adapter unmerged (each sequence on its own route, the same gate levels). It also counts
+the prompts on which routed vLLM and unmerged transformers took the same route and gave the same completion.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ def worker(backend_name: str, args: argparse.Namespace) -> dict:
     from tucka_llm.eval.backends import Sampling
     from tucka_llm.eval.problems import load_problems
     from tucka_llm.eval.run import EvalOptions
+    from tucka_llm.serving import route_name
 
     options = EvalOptions(task="gsm8k", model=args.model, data="gsm8k")
     prompts = [options.prompt(p.question) for p in load_problems("gsm8k", "gsm8k", args.prompts)]
@@ -99,14 +101,15 @@ def worker(backend_name: str, args: argparse.Namespace) -> dict:
     tokens = sum(g.tokens for g in generations)
     adapters = len({g.route for g in generations}) if generations[0].route is not None else None
     return {"tokens": tokens, "seconds": seconds, "load_seconds": load_seconds, "prompts": len(prompts),
-            "adapters": adapters}  # fmt: skip
+            "adapters": adapters, "texts": [g.text for g in generations],
+            "routes": [None if g.route is None else route_name(g.route) for g in generations]}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint directory (default: a random 45M Llama)")
     parser.add_argument("--adapter", default=None, help="a TuckA adapter: routed vs merged vs unmerged on its base")
-    parser.add_argument("--gate-levels", type=int, default=None, help="with --adapter: served gate levels")
+    parser.add_argument("--gate-levels", type=int, default=None, help="with --adapter: served gate levels (default 5)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--hf-batch-size", type=int, default=16)
@@ -160,6 +163,14 @@ def main() -> None:
         adapters = "–" if r["adapters"] is None else r["adapters"]
         cells = [LABELS[name], r["tokens"], f"{r['seconds']:.1f}", f"{rate:.0f}", f"{rate / base:.2f}", adapters]
         print("| " + " | ".join(map(str, cells)) + f" | {r['load_seconds']:.1f} |")
+    if args.adapter is not None:  # the same served routes: routed vLLM should reproduce the unmerged adapter
+        routed, unmerged = results["vllm-routed"], results["hf-adapter"]
+        same_routes = sum(a == b for a, b in zip(routed["routes"], unmerged["routes"], strict=True))
+        same_texts = sum(a == b for a, b in zip(routed["texts"], unmerged["texts"], strict=True))
+        print(
+            f"\nvLLM routed against transformers unmerged: the same route for {same_routes}/{args.prompts} prompts, "
+            f"identical greedy completions for {same_texts}/{args.prompts}"
+        )
 
 
 def prepare_adapter_run(args: argparse.Namespace, work: Path) -> None:
@@ -168,11 +179,14 @@ def prepare_adapter_run(args: argparse.Namespace, work: Path) -> None:
     import peft
 
     from tucka_llm.export import export_merged
+    from tucka_llm.serving import DEFAULT_GATE_LEVELS
     from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 
     recorded = peft.PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
     if args.model is None:
         args.model = str(smollm2_checkpoint()) if Path(recorded) == DEFAULT_CACHE else recorded
+    if args.gate_levels is None:  # the same served routes for routed vLLM and unmerged transformers
+        args.gate_levels = DEFAULT_GATE_LEVELS
     args.merged = str(work / "merged")
     export_merged(args.adapter, args.merged, base=args.model, dtype=args.dtype)
 

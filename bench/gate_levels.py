@@ -111,7 +111,7 @@ def main() -> None:
         delta = [row["loss"] - run[None]["loss"] for row, run in zip(rows, runs, strict=True)]
         cells = [
             "exact" if level is None else str(level),
-            spread([r["routes"] for r in rows], 0),
+            spread([r["routes"] for r in rows], 1),
             spread([r["gate_change"] for r in rows], 3),
             spread([r["loss"] for r in rows], 4),
             "–" if level is None else f"{spread(delta, 4)}",

@@ -152,6 +152,8 @@ def test_export_writes_the_calibration_routes_a_manifest_and_the_router(routed_e
     manifest = json.loads((routed_export / "manifest.json").read_text())
     assert manifest["format"] == "tucka-routed-lora" and manifest["gate_levels"] == LEVELS
     assert manifest["adapter"] == str(adapters["tucka"].resolve()) and manifest["lora"]["r"] == TUCKA_CONFIG["r"]
+    adapted = [f"model.layers.{i}.self_attn.{name}" for i in (0, 1) for name in ("q_proj", "v_proj")]
+    assert manifest["lora"]["modules"] == adapted
     router = manifest["router"]
     assert router["kind"] == "centred" and router["module"] == "model.layers.0.self_attn.q_proj"
     assert router["inputs"] == {"embedding": "model.embed_tokens", "norm": "model.layers.0.input_layernorm"}

@@ -90,6 +90,7 @@ class VLLMBackend:
         self.adapters = adapters
         if adapters is not None:
             settings |= dict(enable_lora=True, max_lora_rank=lora_rank(adapters.max_rank), max_loras=adapters.max_loras)
+            settings["lora_target_modules"] = adapters.target_modules
         if torch.cuda.is_available():
             settings["gpu_memory_utilization"] = gpu_memory_utilization
             if kv_cache_gb is not None:

@@ -51,6 +51,7 @@ from tucka_llm.serving.routed_lora import (
     route_name,
 )
 from tucka_llm.tucka.dai import calibration_features, routing_layers
+from tucka_llm.tucka.layer import TuckALayer
 from tucka_llm.tucka.routing import Route
 
 logger = logging.getLogger("tucka_llm")
@@ -196,7 +197,7 @@ def make_manifest(
         "adapter_config": json.loads((adapter / "adapter_config.json").read_text()),  # as saved: lists, not sets
         "gate_levels": router.gate_levels,
         "gate_range": [low, high],
-        "lora": {"r": config.r, "lora_alpha": config.r, "dtype": "float32"},
+        "lora": {"r": config.r, "lora_alpha": config.r, "dtype": "float32", "modules": adapted_modules(model)},
         "router": {
             "directory": ROUTER_DIR,
             "module": layer.tucka_state[adapter_name].router_module,
@@ -210,6 +211,11 @@ def make_manifest(
         "tucka_llm_version": tucka_llm.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def adapted_modules(model: peft.PeftModel) -> list[str]:
+    """The names, in the base model, of the layers the adapter adapts (each route adapter has their LoRA weights)."""
+    return [name for name, module in model.get_base_model().named_modules() if isinstance(module, TuckALayer)]
 
 
 def adapter_digest(adapter: Path) -> str:
