@@ -85,7 +85,7 @@ def test_tucka_wraps_a_4bit_linear_as_it_wraps_a_linear_and_refuses_to_merge_int
     adapter (same init, same DAI) gives the logits it gives on a plain base holding the dequantised weights. A merge
     needs full-precision weights, and says so."""
     quantized = AutoModelForCausalLM.from_pretrained(
-        tiny_model, quantization_config=quantization_config("4bit", torch.float32), device_map="cpu"
+        tiny_model, quantization_config=quantization_config(torch.float32), device_map="cpu"
     )
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():

@@ -30,10 +30,8 @@ def bitsandbytes_missing(flag: str) -> str | None:
     return f"{flag} needs bitsandbytes: pip install '.[train]' (or pip install bitsandbytes)."
 
 
-def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesConfig:
-    """``--quantize KIND``: NF4 with double quantisation (QLoRA's settings), computing in ``compute_dtype``."""
-    if kind != "4bit":
-        raise ValueError(f"--quantize {kind}: not supported; choose one of {', '.join(QUANTIZATIONS)}.")
+def quantization_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
+    """``--quantize 4bit``: NF4 with double quantisation (QLoRA's settings), computing in ``compute_dtype``."""
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -42,11 +40,11 @@ def quantization_config(kind: str, compute_dtype: torch.dtype) -> BitsAndBytesCo
     )
 
 
-def quantization_record(kind: str, compute_dtype: torch.dtype) -> dict[str, Any]:
+def quantization_record(compute_dtype: torch.dtype) -> dict[str, Any]:
     """What a run records of its base's quantisation: the flag and bitsandbytes' settings, as JSON."""
-    settings = quantization_config(kind, compute_dtype).to_dict()
+    settings = quantization_config(compute_dtype).to_dict()
     keep = ("bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
-    return {"flag": f"--quantize {kind}", "library": "bitsandbytes", **{key: settings[key] for key in keep}}
+    return {"flag": "--quantize 4bit", "library": "bitsandbytes", **{key: settings[key] for key in keep}}
 
 
 def describe_quantization(record: dict[str, Any]) -> str:
@@ -67,9 +65,7 @@ def read_quantization_record(adapter: Path) -> dict[str, Any] | None:
 
 
 def quantized_linear_layers(model: nn.Module) -> int:
-    """How many of ``model``'s layers are bitsandbytes 4-bit Linear layers (0 when bitsandbytes is absent)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return 0
-    from bitsandbytes.nn import Linear4bit
+    """How many of ``model``'s layers are bitsandbytes 4-bit Linear layers."""
+    from bitsandbytes.nn import Linear4bit  # installed where a base was quantised
 
     return sum(isinstance(module, Linear4bit) for module in model.modules())

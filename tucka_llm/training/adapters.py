@@ -27,14 +27,14 @@ class ModelError(ValueError):
 def load_base_model(options: TrainOptions) -> PreTrainedModel:
     """The base model in the run's precision, on the CPU (the DeepSpeed engine moves it to the accelerator).
 
-    With ``--quantize`` its Linear layers are quantised by bitsandbytes as they load, which happens on the device
-    the rank computes on (``quantization_device``): bitsandbytes quantises a weight where it is placed.
+    With ``--quantize 4bit`` its Linear layers are quantised by bitsandbytes as they load, on the device the rank
+    computes on (``quantization_device``): bitsandbytes quantises a weight where it is placed.
     """
     dtype = precision_dtype(options)
     quantized = {}
     if options.quantize is not None:
         quantized = {
-            "quantization_config": quantization_config(options.quantize, dtype),
+            "quantization_config": quantization_config(dtype),
             "device_map": {"": quantization_device()},
         }
     try:

@@ -354,7 +354,7 @@ def _train(
     model = add_adapter(load_base_model(options), options)
     quantization = None
     if options.quantize is not None:
-        quantization = quantization_record(options.quantize, precision_dtype(options))
+        quantization = quantization_record(precision_dtype(options))
         logger.info(
             "base: %d Linear layers in %s; the adapter trains in full precision",
             quantized_linear_layers(model),
