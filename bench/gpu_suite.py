@@ -1,7 +1,7 @@
 """The GPU benchmark suite: one command on a CUDA machine, one table, one JSON file.
 
-    python bench/gpu_suite.py --out gpu_suite.json          # one GPU: Llama-2-7B shape, about 10 minutes on an H100
-    python bench/gpu_suite.py --dry-run --out dry.json      # CPU, tiny shapes: the same steps in a minute or two
+    python bench/gpu_suite.py --out gpu_suite.json          # one GPU: Llama-2-7B shape (not yet run on a GPU)
+    python bench/gpu_suite.py --dry-run --out dry.json      # CPU, tiny shapes: the same steps, about a minute
 
 It needs torch with CUDA, transformers, peft, deepspeed, datasets and this project, and no network: the model has
 Llama-2-7B's shape with seeded random weights in bf16, built here; the data is written here. bitsandbytes is needed
