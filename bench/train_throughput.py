@@ -1,20 +1,30 @@
-"""Training throughput and peak memory per rank of TuckA, LoRA and DoRA through the real launcher, side by side.
+"""Training throughput and peak memory per rank of TuckA, LoRA and DoRA through the real launcher, side by side, on
+a base in full precision and on the same base quantised to 4 bits (``--quantize 4bit``).
 
-    python bench/train_throughput.py [--shape small --ranks 2 --max-steps 20 --repeats 1]
+    python bench/train_throughput.py [--shape small --ranks 2 --max-steps 20 --repeats 1 --bases full,4bit]
+    python bench/train_throughput.py --shape medium --max-steps 8             # the 4-bit saving visible on a CPU
     python bench/train_throughput.py --shape llama2-7b --ranks 1     # GPU: Llama-2-7B shape, BF16, ZeRO-2
 
 The base model is built here with seeded random weights (no download) and saved with the shipped Llama-2
-tokenizer: ``small`` is a 4-layer, hidden-512 Llama; ``llama2-7b`` has Llama-2-7B's shape in BF16 (13.5 GB on disk,
-GPU machines only). Every method then trains it with ``deepspeed launch/train.py`` under the same flags (GSM8K
-train data, micro-batch 1, global batch = micro-batch x ranks, the reference adapter hyperparameters), the methods
-interleaved over ``--repeats`` rounds. Tokens/s is the median over rounds of the non-padding tokens of all ranks
-from step ``--warmup-steps`` to the last step, over the wall time between those steps' records in metrics.jsonl.
+tokenizer: ``small`` is a 4-layer, hidden-512 Llama, ``medium`` an 8-layer, hidden-1024 one whose decoder Linear
+layers hold 61% of the weights; ``llama2-7b`` has Llama-2-7B's shape in BF16 (13.5 GB on disk, GPU machines only).
+Every method then trains it with ``deepspeed launch/train.py`` under the same flags (GSM8K train data, micro-batch 1,
+global batch = micro-batch x ranks, the reference adapter hyperparameters), once per base of ``--bases``: ``full``
+(the base in ``--precision``) and ``4bit`` (its Linear layers in NF4 with double quantisation, computing in
+``--precision``), the runs interleaved over ``--repeats`` rounds. Tokens/s is the median over rounds of the
+non-padding tokens of all ranks from step ``--warmup-steps`` to the last step, over the wall time between those
+steps' records in metrics.jsonl.
 
 Peak memory is what the launcher logs at the last step, per rank: on GPU ``torch.cuda.max_memory_allocated``
 (neither the CUDA context nor the allocator's cached blocks are counted, so "fits 24 GB" compares that peak with
 24 GiB and leaves them out); on CPU the peak RSS of each process, which includes the Python/torch runtime, so it is
 no estimate of GPU memory. ``--max-len`` only caps the sequences: GSM8K examples average about 200 tokens, so the
 peak is that of the longest sequence drawn, and the mean tokens per sequence is printed under the table.
+
+Below the table: the base's weights as the launcher loads them, counted tensor by tensor in bf16 (the reference
+run's precision) for each base, as bytes per parameter, and the Llama-2-7B base weights that follow from those costs
+and Llama-2-7B's parameter counts (an estimate: weights only, without the adapter's training state and the
+activations, which bench/gpu_suite.py measures with them on a GPU).
 """
 
 from __future__ import annotations
@@ -34,12 +44,16 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tucka_llm.data import llama2_tokenizer
-from tucka_llm.models import llama2_7b_config, small_llama_config
+from tucka_llm.models import llama2_7b_config, medium_llama_config, small_llama_config
+from tucka_llm.quantization import QUANTIZATION_RECORD, bitsandbytes_missing
 from tucka_llm.stages import train_command
+from tucka_llm.training import parse_options
+from tucka_llm.training.adapters import load_base_model
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("tucka", "lora", "dora")
-SHAPES = ("small", "llama2-7b")
+SHAPES = ("small", "medium", "llama2-7b")
+BASES = ("full", "4bit")  # the base in --precision; the base with --quantize 4bit
 FITS_GB = 24
 
 
@@ -52,17 +66,32 @@ class RunResult:
     tokens_per_sequence: float
 
 
+@dataclass(frozen=True)
+class WeightBytes:
+    """A loaded base's weights, counted from its tensors: its 4-bit Linear layers (NF4 weights with their
+    quantisation state) and every other parameter and buffer."""
+
+    quantized_parameters: int
+    quantized_bytes: int
+    other_parameters: int
+    other_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.quantized_bytes + self.other_bytes
+
+
 def model_config(shape: str) -> tuple[LlamaConfig, torch.dtype]:
     """The architecture of ``--shape`` and the dtype its weights are saved in."""
     if shape == "llama2-7b":
         return llama2_7b_config(), torch.bfloat16
-    config = small_llama_config()
+    config = medium_llama_config() if shape == "medium" else small_llama_config()
     return config, torch.float32
 
 
-def build_model(shape: str, directory: Path) -> int:
-    """Save a seeded random-weight model of ``shape`` and the shipped tokenizer in ``directory``; return its size."""
-    config, dtype = model_config(shape)
+def build_model(config: LlamaConfig, dtype: torch.dtype, directory: Path) -> int:
+    """Save a seeded random-weight model of ``config`` in ``dtype`` and the shipped tokenizer in ``directory``;
+    return its number of parameters."""
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 7B is much faster on GPU
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -75,27 +104,33 @@ def build_model(shape: str, directory: Path) -> int:
     return parameters
 
 
-def launcher_command(method: str, model: Path, output: Path, args: argparse.Namespace) -> list[str]:
-    """``deepspeed launch/train.py`` for one method; the adapter hyperparameters are the launcher's defaults."""
+def launcher_command(method: str, base: str, model: Path, output: Path, args: argparse.Namespace) -> list[str]:
+    """``deepspeed launch/train.py`` for one method on one base; the adapter hyperparameters are the launcher's
+    defaults."""
     command = train_command(
-        args.ranks, args.ds, "--model", model, "--data", "gsm8k-train", "--method", method,
+        args.ranks, args.ds, "--model", model, "--data", args.data, "--method", method,
         "--max-len", args.max_len, "--micro-batch", args.micro_batch, "--global-batch", args.global_batch,
         "--max-steps", args.max_steps, "--logging-steps", "1", "--save-steps", args.max_steps + 1,
         "--precision", args.precision, "--lr", "1e-4", "--warmup-ratio", "0", "--output", output,
     )  # fmt: skip
+    if base == "4bit":
+        command += ["--quantize", "4bit"]
     if args.gradient_checkpointing:
         command.append("--gradient-checkpointing")
     return [str(part) for part in command]
 
 
-def run_method(method: str, model: Path, output: Path, args: argparse.Namespace) -> RunResult:
-    """Train ``method`` once into ``output`` and read its metrics; on failure print the log's tail and exit."""
-    command = launcher_command(method, model, output, args)
+def run_method(method: str, base: str, model: Path, output: Path, args: argparse.Namespace) -> RunResult:
+    """Train ``method`` on ``base`` once into ``output`` and read its metrics; on failure print the log's tail and
+    exit."""
+    command = launcher_command(method, base, model, output, args)
     done = subprocess.run(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     (output.parent / f"{output.name}.log").write_text(done.stdout, encoding="utf-8")
     if done.returncode != 0:
         print("\n".join(done.stdout.splitlines()[-40:]), file=sys.stderr)
-        sys.exit(f"error: {method} failed (exit status {done.returncode}): {' '.join(command)}")
+        sys.exit(f"error: {method} on the {base} base failed (exit status {done.returncode}): {' '.join(command)}")
+    if base == "4bit" and not (output / QUANTIZATION_RECORD).is_file():
+        sys.exit(f"error: the {method} run on the 4-bit base recorded no {QUANTIZATION_RECORD}: was it quantised?")
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     start = next(r for r in records if r["step"] == args.warmup_steps)
     last = records[-1]
@@ -105,6 +140,43 @@ def run_method(method: str, model: Path, output: Path, args: argparse.Namespace)
         peak_gb_per_rank=[last[f"peak_memory_gb/rank{i}"] for i in range(args.ranks)],
         tokens_per_sequence=last["num_input_tokens_seen"] / (last["step"] * args.global_batch),
     )
+
+
+def base_weight_bytes(model: Path, base: str) -> WeightBytes:
+    """The base as the launcher loads it in bf16 (``--quantize 4bit`` for ``base`` 4bit), its tensors counted: a 4-bit
+    layer's packed NF4 weight plus its quantisation state as bitsandbytes serialises it (absmax, double-quantised,
+    and the code books)."""
+    flags = ["--model", str(model), "--precision", "bf16", *(["--quantize", "4bit"] if base == "4bit" else [])]
+    loaded = load_base_model(parse_options(flags))
+    quantized_parameters = quantized_bytes = 0
+    counted: set[int] = set()
+    for module in loaded.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is None:
+            continue
+        quantized_parameters += module.in_features * module.out_features
+        quantized_bytes += module.weight.nbytes
+        quantized_bytes += sum(t.nbytes for t in state.as_dict(packed=True).values() if torch.is_tensor(t))
+        counted.add(id(module.weight))
+    others = [t for t in [*loaded.parameters(), *loaded.buffers()] if id(t) not in counted]
+    weights = WeightBytes(quantized_parameters, quantized_bytes, sum(t.numel() for t in others),
+                          sum(t.nbytes for t in others))  # fmt: skip
+    del loaded
+    return weights
+
+
+def llama2_7b_weights_gb(measured: WeightBytes) -> float:
+    """Llama-2-7B's base weights (GB) at the bytes per parameter ``measured`` on another shape: its decoder Linear
+    layers at the 4-bit layers' cost (or the others' when nothing was quantised), the rest at the others' cost."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(llama2_7b_config())
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
+    other = measured.other_bytes / measured.other_parameters
+    quantized = measured.quantized_bytes / measured.quantized_parameters if measured.quantized_parameters else other
+    return (linear * quantized + (total - linear) * other) / 1e9
 
 
 def machine() -> str:
@@ -127,6 +199,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help=f"comma-separated methods (default {','.join(METHODS)})"
     )
+    parser.add_argument(
+        "--bases",
+        default=",".join(BASES),
+        help="comma-separated bases: full (in --precision) and 4bit (--quantize 4bit) (default full,4bit)",
+    )
+    parser.add_argument("--data", default="gsm8k-train", help="launcher --data (default gsm8k-train, shipped)")
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed processes (GPUs on a GPU machine; default 2)")
     parser.add_argument(
         "--ds",
@@ -160,6 +238,11 @@ def parse_args() -> argparse.Namespace:
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not args.methods or any(m not in METHODS for m in args.methods):
         parser.error(f"--methods: choose from {', '.join(METHODS)}")
+    args.bases = [b.strip() for b in args.bases.split(",") if b.strip()]
+    if not args.bases or any(b not in BASES for b in args.bases):
+        parser.error(f"--bases: choose from {', '.join(BASES)}")
+    if "4bit" in args.bases and (missing := bitsandbytes_missing("--bases 4bit")):
+        parser.error(missing)
     if on_gpu and args.ranks > torch.cuda.device_count():
         parser.error(f"--ranks {args.ranks}: this machine has {torch.cuda.device_count()} GPU(s)")
     if not 1 <= args.warmup_steps < args.max_steps:
@@ -171,21 +254,23 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def benchmark(args: argparse.Namespace, base: Path) -> None:
-    """Build the model in ``base``, run every method --repeats times there, print the table."""
-    model = base / "model"
+def benchmark(args: argparse.Namespace, workdir: Path) -> None:
+    """Build the model in ``workdir``, run every method on every base --repeats times there, print the tables."""
+    model = workdir / "model"
     print(f"building the {args.shape} model in {model}", file=sys.stderr)
-    parameters = build_model(args.shape, model)
-    results: dict[str, list[RunResult]] = {m: [] for m in args.methods}
+    parameters = build_model(*model_config(args.shape), model)
+    runs = [(method, base) for base in args.bases for method in args.methods]
+    results: dict[tuple[str, str], list[RunResult]] = {run: [] for run in runs}
     for round_ in range(args.repeats):
-        for method in args.methods:
-            print(f"round {round_ + 1}/{args.repeats}: {method}", file=sys.stderr)
-            results[method].append(run_method(method, model, base / f"{method}-{round_ + 1}", args))
+        for method, base in runs:
+            print(f"round {round_ + 1}/{args.repeats}: {method} on the {base} base", file=sys.stderr)
+            output = workdir / f"{method}-{base}-{round_ + 1}"
+            results[method, base].append(run_method(method, base, model, output, args))
 
-    tokens_per_s = {m: statistics.median(r.tokens_per_s for r in runs) for m, runs in results.items()}
+    tokens_per_s = {run: statistics.median(r.tokens_per_s for r in rs) for run, rs in results.items()}
     peak = {
-        m: [statistics.median(per_rank) for per_rank in zip(*(r.peak_gb_per_rank for r in runs), strict=True)]
-        for m, runs in results.items()
+        run: [statistics.median(per_rank) for per_rank in zip(*(r.peak_gb_per_rank for r in rs), strict=True)]
+        for run, rs in results.items()
     }
     print(
         f"{machine()}; model {args.shape} ({parameters / 1e6:,.0f}M params, random weights); {args.ranks} ranks, "
@@ -194,21 +279,42 @@ def benchmark(args: argparse.Namespace, base: Path) -> None:
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, median of {args.repeats} round(s)\n"
     )
     print(
-        "| method | tokens/s | tokens/s vs LoRA | peak memory per rank (GB, max over ranks) | memory vs LoRA | "
-        f"fits {FITS_GB} GB |"
+        "| method | base | tokens/s | tokens/s vs LoRA | peak memory per rank (GB, max over ranks) | memory vs LoRA | "
+        f"memory vs full base | fits {FITS_GB} GB |"
     )
-    print("|---|---:|---:|---|---:|---|")
-    for m in args.methods:
-        ratio_speed = f"{tokens_per_s[m] / tokens_per_s['lora']:.3f}" if "lora" in tokens_per_s else "n/a"
-        ratio_memory = f"{max(peak[m]) / max(peak['lora']):.3f}" if "lora" in peak else "n/a"
-        per_rank = " / ".join(f"{gb:.2f}" for gb in peak[m])
-        fits = ("yes" if max(peak[m]) < FITS_GB else "no") if torch.cuda.is_available() else "n/a (CPU RSS)"
+    print("|---|---|---:|---:|---|---:|---:|---|")
+    for method, base in runs:
+        lora, full = ("lora", base), (method, "full")
+        speed = f"{tokens_per_s[method, base] / tokens_per_s[lora]:.3f}" if lora in results else "n/a"
+        memory = f"{max(peak[method, base]) / max(peak[lora]):.3f}" if lora in results else "n/a"
+        saving = f"{max(peak[method, base]) / max(peak[full]):.3f}" if full in results else "n/a"
+        per_rank = " / ".join(f"{gb:.2f}" for gb in peak[method, base])
+        label = f"{args.precision}" if base == "full" else f"4-bit NF4, compute {args.precision}"
+        fits = ("yes" if max(peak[method, base]) < FITS_GB else "no") if torch.cuda.is_available() else "n/a (CPU RSS)"
         print(
-            f"| {m} | {tokens_per_s[m]:,.0f} | {ratio_speed} | {max(peak[m]):.2f} ({per_rank}) | {ratio_memory} | "
-            f"{fits} |"
+            f"| {method} | {label} | {tokens_per_s[method, base]:,.0f} | {speed} | {max(peak[method, base]):.2f} "
+            f"({per_rank}) | {memory} | {saving} | {fits} |"
         )
-    mean_tokens = statistics.mean(r.tokens_per_sequence for runs in results.values() for r in runs)
+    mean_tokens = statistics.mean(r.tokens_per_sequence for rs in results.values() for r in rs)
     print(f"\nmean tokens per sequence (non-padding): {mean_tokens:.0f} (--max-len {args.max_len} caps them)")
+    print_weights(model, args.bases)
+
+
+def print_weights(model: Path, bases: list[str]) -> None:
+    """The base weights as loaded in bf16 for each base, per parameter, and the Llama-2-7B estimate from them."""
+    print("\n| base (bf16) | weights as loaded (MB) | 4-bit Linear layers: bytes / parameter | other weights: bytes / "
+          "parameter | Llama-2-7B base weights, estimated (GB) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|")
+    for base in bases:
+        weights = base_weight_bytes(model, base)
+        quantized = (
+            f"{weights.quantized_bytes / weights.quantized_parameters:.4f} ({weights.quantized_parameters / 1e6:.1f}M)"
+            if weights.quantized_parameters
+            else "-"
+        )
+        other = f"{weights.other_bytes / weights.other_parameters:.4f} ({weights.other_parameters / 1e6:.1f}M)"
+        estimate = llama2_7b_weights_gb(weights)
+        print(f"| {base} | {weights.total_bytes / 1e6:,.1f} | {quantized} | {other} | {estimate:.2f} |")
 
 
 def main() -> None:

@@ -174,14 +174,17 @@ def test_command_line_errors_are_one_line_without_a_traceback(tiny_model, tmp_pa
     assert "Traceback" not in result.stderr
 
 
-def test_adamw_8bit_without_bitsandbytes_says_how_to_install_it(tiny_model, tmp_path, monkeypatch):
-
+@pytest.mark.parametrize("flags", [["--optim", "adamw_8bit"], ["--quantize", "4bit"]])
+def test_8bit_adamw_or_a_4bit_base_without_bitsandbytes_says_how_to_install_it(
+    tiny_model, tmp_path, monkeypatch, flags
+):
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
     )
-    with pytest.raises(RunError, match=r"--optim adamw_8bit needs bitsandbytes: pip install '\.\[quant\]'"):
-        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--optim", "adamw_8bit")
+    with pytest.raises(RunError, match=rf"^{' '.join(flags)} needs bitsandbytes: pip install '\.\[train\]'"):
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", *flags)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -35,14 +39,19 @@ TUCKA = ["--r", "4", "--k", "3", "--alpha", "8", "--perturb-scale", "0.5"]
 LORA = ["--lora-r", "4", "--lora-alpha", "8"]
 
 
+def train_script(model: Path, output: Path, *flags: str, ds: str = "zero2", method: str = "tucka") -> list[str]:
+    """``launch/train.py`` and its flags: the tiny model, the shipped data, small adapters, then ``flags``."""
+    return [
+        "launch/train.py", "--ds", f"ds_configs/{ds}.json", "--model", str(model), "--data", "gsm8k-train",
+        "--output", str(output), "--method", method, *TUCKA, *LORA, "--save-steps", "1000", *flags,
+    ]  # fmt: skip
+
+
 def launch(model: Path, output: Path, *flags: str, ds: str = "zero2", method: str = "tucka") -> str:
     """Run the launcher on 2 ranks through DeepSpeed's own launcher; return its output (stdout and stderr)."""
     port = free_port()
-    command = [
-        str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "launch/train.py",
-        "--ds", f"ds_configs/{ds}.json", "--model", str(model), "--data", "gsm8k-train", "--output", str(output),
-        "--method", method, *TUCKA, *LORA, "--save-steps", "1000", *flags,
-    ]  # fmt: skip
+    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port)]
+    command += train_script(model, output, *flags, ds=ds, method=method)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
@@ -90,6 +99,132 @@ def test_each_method_trains_on_two_ranks_with_falling_loss_and_identical_adapter
         expected = model.eval()(**inputs).logits
         actual = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
     assert (actual - expected).norm() / expected.norm() <= 1e-5
+
+
+# A 4-bit base and 8-bit AdamW together. The adapters are above bitsandbytes' 4,096-element threshold (TuckA r16,
+# LoRA/DoRA r32), so that the ZeRO-2 partition each rank's optimizer steps gets 8-bit states (it keeps 32-bit states
+# for smaller tensors). fp32 compute: bf16 matmuls are ~10x slower on this CPU (tests/test_gpu_suite.py trains on a
+# 4-bit base computing in bf16).
+QUANTIZED = ["--quantize", "4bit", "--optim", "adamw_8bit", "--r", "16", "--lora-r", "32", "--lr", "3e-2",
+             "--warmup-ratio", "0", "--max-steps", "8", "--save-steps", "4", "--logging-steps", "1",
+             "--precision", "fp32"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs_on_a_4bit_base(tiny_model, tmp_path_factory) -> Callable[[str], tuple[Path, str]]:
+    """``run(method)``: (output, log) of the method trained on 2 ranks with QUANTIZED, launched on first use only."""
+    runs: dict[str, tuple[Path, str]] = {}
+
+    def run(method: str) -> tuple[Path, str]:
+        if method not in runs:
+            output = tmp_path_factory.mktemp(f"4bit-{method}") / "run"
+            runs[method] = output, launch(tiny_model, output, *SMALL_REPEATED_SET, *QUANTIZED, method=method)
+        return runs[method]
+
+    return run
+
+
+def optimizer_states(checkpoint: Path, rank: int) -> list[dict[str, torch.Tensor]]:
+    """The bitsandbytes states of one rank's ZeRO partition in a checkpoint (DeepSpeed's pickled shard)."""
+    (shard,) = checkpoint.glob(f"global_step*/*zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+    state = torch.load(shard, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    return [s["__bnb_optimizer_quant_state__"] for s in state.values()]
+
+
+@pytest.mark.parametrize("method", ["tucka", "lora", "dora"])
+def test_each_method_trains_on_a_4bit_base_with_8bit_adamw_and_exports_into_the_full_precision_base(
+    runs_on_a_4bit_base, tiny_model, tmp_path, method, caplog
+):
+    output, log = runs_on_a_4bit_base(method)
+    assert "base: 14 Linear layers in 4-bit NF4 with double quantisation, computing in float32" in log
+    losses = [m["loss"] for m in metrics(output)]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    # Steps 1-4 and 5-8 each cover the 7 examples twice (2 steps per epoch): the same data, 0.03-0.07 lower at the end.
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.01, losses
+    digests = rank_digests(log, "trained adapter digest")
+    assert set(digests) == {0, 1} and digests[0] == digests[1]
+    for rank in (0, 1):  # bitsandbytes' 8-bit AdamW stepped each rank's partition: its moments are stored in 8 bits
+        states = optimizer_states(output / "checkpoints" / "checkpoint-8", rank)
+        assert states and all(s["state1"].dtype == s["state2"].dtype == torch.uint8 for s in states)
+
+    record = {"flag": "--quantize 4bit", "library": "bitsandbytes", "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32"}  # fmt: skip
+    assert json.loads((output / "base_quantization.json").read_text()) == record
+    assert json.loads((output / "run_config.json").read_text())["base_quantization"] == record
+
+    # Export merges into the base as stored (float32), not the 4-bit one, and says so; the merged model is the
+    # adapter on that full-precision base.
+    logger = logging.getLogger("tucka_llm")
+    logger.addHandler(caplog.handler)  # the training tests may have stopped this logger's propagation
+    try:
+        with caplog.at_level(logging.INFO, logger="tucka_llm"):
+            result = export_merged(output, tmp_path / "merged", dtype="float32")
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "trained on its base quantised to 4-bit NF4" in caplog.text
+    assert f"merged into {tiny_model} loaded in full precision (float32)" in caplog.text
+    assert "Trained on the base quantised to 4-bit NF4" in (tmp_path / "merged" / "README.md").read_text()
+    assert json.loads((tmp_path / "merged" / "tucka_export.json").read_text())["trained_on_quantized_base"] == record
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output).eval()
+    assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
+    inputs = llama2_tokenizer()(PROMPTS, return_tensors="pt", padding=True)
+    route = contextlib.nullcontext() if result.route is None else tucka_llm.routing(model, result.route.route)
+    with route, torch.no_grad():
+        expected = model(**inputs).logits
+        actual = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(**inputs).logits
+    assert (actual - expected).norm() / expected.norm() <= 1e-5
+
+
+def wait_for_nodes(nodes: list[subprocess.Popen], timeout: float) -> list[int]:
+    """Each node's exit status. When one fails (or time is up) the others are ended, process group and all: their
+    ranks would otherwise wait for the failed one until the rendezvous times out."""
+    deadline = time.monotonic() + timeout
+    while any(node.poll() is None for node in nodes):
+        if any(node.returncode not in (None, 0) for node in nodes) or time.monotonic() > deadline:
+            for node in nodes:
+                if node.poll() is None:
+                    os.killpg(node.pid, signal.SIGTERM)
+            break
+        time.sleep(1)
+    return [node.wait() for node in nodes]
+
+
+def test_two_deepspeed_nodes_on_one_host_resume_a_checkpoint_to_the_uninterrupted_runs_adapter(
+    runs_on_a_4bit_base, tiny_model, tmp_path
+):
+    """Two DeepSpeed nodes of one rank each on loopback addresses, started as each node of a cluster without ssh is
+    (``--no_ssh --node_rank N``, one hostfile). They resume the 2-rank TuckA run above from its step-4 checkpoint,
+    as a run moved onto a cluster would be, and end with the uninterrupted run's adapter, the same on both nodes."""
+    straight, _ = runs_on_a_4bit_base("tucka")
+    output = tmp_path / "run"
+    output.mkdir()
+    for name in ("run_config.json", "metrics.jsonl", "tucka_router_calibration.safetensors"):
+        shutil.copy(straight / name, output / name)  # what the run had written when its step-4 checkpoint was done
+    shutil.copytree(straight / "checkpoints" / "checkpoint-4", output / "checkpoints" / "checkpoint-4")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")
+    port = free_port()
+    script = train_script(tiny_model, output, *SMALL_REPEATED_SET, *QUANTIZED, "--resume")
+    nodes, logs = [], [tmp_path / f"node{n}.log" for n in (0, 1)]
+    for node, log in enumerate(logs):
+        command = [str(DEEPSPEED), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), *script]  # fmt: skip
+        with log.open("w") as sink:
+            nodes.append(subprocess.Popen(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # fmt: skip
+    codes = wait_for_nodes(nodes, timeout=600)
+    text = [log.read_text() for log in logs]
+    assert codes == [0, 0], text[0][-3000:] + text[1][-3000:]
+    for node in (0, 1):
+        assert f"nnodes=2, num_local_procs=1, node_rank={node}" in text[node]
+    assert "resuming from" in text[0] and "checkpoint-4" in text[0]
+    assert rank_digests(text[0], "trained adapter digest")[0] == rank_digests(text[1], "trained adapter digest")[1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+    expected = load_file(straight / "adapter_model.safetensors")
+    resumed = load_file(output / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert [(m["step"], m["loss"]) for m in metrics(output)] == [(m["step"], m["loss"]) for m in metrics(straight)]
 
 
 def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a_complete_run(tiny_model, tmp_path):

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 
+import bitsandbytes as bnb
 import peft
 import pytest
 import torch
-from conftest import tiny_llama, tucka_llama
-from transformers import LlamaForCausalLM
+from conftest import TUCKA_CONFIG, tiny_llama, tucka_llama
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tucka_llm
 from tucka_llm.models import llama2_7b_config
+from tucka_llm.quantization import quantization_config
+from tucka_llm.training.adapters import router_centroids
+from tucka_llm.tucka.model import routing_states
 
 
 def test_save_and_load_round_trip_gives_identical_logits_and_keeps_centroids(batch, tmp_path):
@@ -74,6 +78,48 @@ def test_merge_under_a_fixed_route_equals_the_adapter_model(batch):
     with torch.no_grad():
         actual = merged(**batch).logits
     assert (actual - expected).norm() / expected.norm() <= 1e-5
+
+
+def test_tucka_wraps_a_4bit_linear_as_it_wraps_a_linear_and_refuses_to_merge_into_it(tiny_model, batch):
+    """On a base quantised by bitsandbytes (NF4), the update is applied to the layer's input as on a Linear: the same
+    adapter (same init, same DAI) gives the logits it gives on a plain base holding the dequantised weights. A merge
+    needs full-precision weights, and says so."""
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tiny_model, quantization_config=quantization_config(torch.float32), device_map="cpu"
+    )
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                plain.get_submodule(name).weight.copy_(weight)
+    models = []
+    for base in (quantized, plain):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(base, tucka_llm.TuckAConfig(**TUCKA_CONFIG)).eval()
+        tucka_llm.data_aware_init(model, [batch], seed=0)
+        models.append(model)
+    on_4bit, on_plain = models
+    assert isinstance(on_4bit.base_model.model.model.layers[0].self_attn.q_proj, tucka_llm.TuckALayer)
+    assert isinstance(on_4bit.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
+    torch.testing.assert_close(router_centroids(on_4bit)["default"], router_centroids(on_plain)["default"])
+    with torch.no_grad():
+        torch.testing.assert_close(on_4bit(**batch).logits, on_plain(**batch).logits, rtol=1e-5, atol=1e-5)
+    groups = []
+    for model in models:  # each sequence routed to the same group on both
+        with tucka_llm.routing(model, "sequence"), torch.no_grad():
+            model(**batch)
+            groups.append(routing_states(model)["default"].route.group)
+    assert torch.equal(groups[0], groups[1])
+
+    with (
+        tucka_llm.routing(on_4bit, tucka_llm.Route(0, [0.5, 0.5])),
+        pytest.raises(
+            ValueError,
+            match=r"Linear4bit is stored quantised \(torch.uint8\); merge into the base loaded in full precision",
+        ),
+    ):
+        on_4bit.merge_and_unload()
 
 
 def test_merge_without_a_fixed_route_is_refused():

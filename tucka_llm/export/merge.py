@@ -32,6 +32,7 @@ from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
 from tucka_llm.locking import LOCK_FILE, exclusive
+from tucka_llm.quantization import describe_quantization, read_quantization_record
 from tucka_llm.tucka.dai import calibration_features
 from tucka_llm.tucka.model import routing
 
@@ -124,7 +125,17 @@ def _export(
         raise ExportError(f"--route applies to TuckA adapters only; {adapter} holds a {method} adapter.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    model = load_adapter(load_base(base), adapter)
+    base_model = load_base(base)
+    quantization = read_quantization_record(adapter)
+    if quantization is not None:
+        logger.info(
+            "the adapter was trained on its base quantised to %s; it is merged into %s loaded in full precision (%s), "
+            "the usual QLoRA practice",
+            describe_quantization(quantization),
+            base,
+            str(base_model.dtype).removeprefix("torch."),
+        )
+    model = load_adapter(base_model, adapter)
     tokenizer = load_tokenizer(adapter, base)
     chosen = None
     if method == "tucka":
@@ -141,6 +152,7 @@ def _export(
         "adapter_config": json.loads((adapter / "adapter_config.json").read_text()),  # as saved: lists, not sets
         "dtype": dtype,
         "route": None if chosen is None else chosen.to_json(),
+        "trained_on_quantized_base": quantization,
         "tucka_llm_version": tucka_llm.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -349,6 +361,11 @@ def model_card(record: dict[str, Any], name: str, chosen: ChosenRoute | None = N
         f"- Adapter: {record['adapter']} ({record['method']}, {shape}; target modules: {targets})",
         f"- Dtype: {record['dtype']} (merged in float32, cast once)",
     ]
+    if record.get("trained_on_quantized_base"):
+        lines.append(
+            f"- Trained on the base quantised to {describe_quantization(record['trained_on_quantized_base'])}; "
+            "merged into the base in full precision"
+        )
     if chosen is not None:
         lines.append(f"- TuckA route folded in: {chosen.describe()} ({ROUTE_FILE})")
         lines.append(f"- {served_inputs(chosen)}")

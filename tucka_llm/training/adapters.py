@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import peft
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 import tucka_llm
+from tucka_llm.quantization import quantization_config
 from tucka_llm.training.options import TrainOptions
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import linear_layer_names
@@ -23,15 +25,37 @@ class ModelError(ValueError):
 
 
 def load_base_model(options: TrainOptions) -> PreTrainedModel:
-    """The base model in the run's precision, on the CPU (the DeepSpeed engine moves it to the accelerator)."""
-    dtype = torch.bfloat16 if options.precision == "bf16" else torch.float32
+    """The base model in the run's precision, on the CPU (the DeepSpeed engine moves it to the accelerator).
+
+    With ``--quantize 4bit`` its Linear layers are quantised by bitsandbytes as they load, on the device the rank
+    computes on (``quantization_device``): bitsandbytes quantises a weight where it is placed.
+    """
+    dtype = precision_dtype(options)
+    quantized = {}
+    if options.quantize is not None:
+        quantized = {
+            "quantization_config": quantization_config(dtype),
+            "device_map": {"": quantization_device()},
+        }
     try:
-        return AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype, low_cpu_mem_usage=True)
+        return AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype, low_cpu_mem_usage=True, **quantized)
     except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
         raise ModelError(
             f"--model {options.model}: could not load it ({error}). Give a local model directory or a hub id this "
             "machine can download."
         ) from error
+
+
+def precision_dtype(options: TrainOptions) -> torch.dtype:
+    """The dtype of ``--precision``: the base's weights, or with ``--quantize`` the 4-bit layers' compute dtype."""
+    return torch.bfloat16 if options.precision == "bf16" else torch.float32
+
+
+def quantization_device() -> torch.device:
+    """This rank's GPU (DeepSpeed's launcher sets LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import SchedulerType
 
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
+from tucka_llm.quantization import QUANTIZATIONS
 from tucka_llm.tucka.routing import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
@@ -57,6 +58,7 @@ class TrainOptions:
     max_len: int = 512
     overlong: str = "truncate"
     precision: str = "bf16"
+    quantize: str | None = None
     optim: str = "adamw_torch"
     gradient_checkpointing: bool = False
     seed: int = 42
@@ -250,13 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--optim",
         choices=OPTIMIZERS,
         default=d.optim,
-        help="optimizer (adamw_8bit needs bitsandbytes: pip install '.[quant]')",
+        help="optimizer: adamw_8bit is bitsandbytes' AdamW with its two moments in 8 bits (a quarter of their "
+        "memory; tensors under 4,096 elements keep 32-bit moments)",
     )
     opt.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=d.precision,
         help="bf16: base weights and compute in bfloat16, fp32 master weights; fp32: all float32",
+    )
+    opt.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=d.quantize,
+        help="load the base model's Linear layers in 4-bit NF4 with double quantisation (bitsandbytes, as QLoRA), "
+        "computing in --precision; the adapter trains in full precision, and launch/export.py merges it into the "
+        "full-precision base. Without it the base is loaded in --precision",
     )
     opt.add_argument(
         "--gradient-checkpointing",

@@ -8,7 +8,6 @@ the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI v
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -35,8 +34,21 @@ from tucka_llm.atomic import atomic_write_json, atomic_write_text, sync_files
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.locking import LOCK_FILE, exclusive_directory
+from tucka_llm.quantization import (
+    QUANTIZATION_RECORD,
+    bitsandbytes_missing,
+    describe_quantization,
+    quantization_record,
+    quantized_linear_layers,
+)
 from tucka_llm.training import checkpoints
-from tucka_llm.training.adapters import add_adapter, load_base_model, router_centers, router_centroids
+from tucka_llm.training.adapters import (
+    add_adapter,
+    load_base_model,
+    precision_dtype,
+    router_centers,
+    router_centroids,
+)
 from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
 from tucka_llm.training.trainer import (
     KeyRedrawsByStep,
@@ -103,8 +115,10 @@ def gradient_accumulation(options: TrainOptions, world_size: int) -> int:
 
 
 def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
-    if options.optim == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise RunError("--optim adamw_8bit needs bitsandbytes: pip install '.[quant]' (or use --optim adamw_torch).")
+    if options.optim == "adamw_8bit" and (missing := bitsandbytes_missing("--optim adamw_8bit")):
+        raise RunError(missing)
+    if options.quantize is not None and (missing := bitsandbytes_missing(f"--quantize {options.quantize}")):
+        raise RunError(missing)
     if options.ds is None:
         return None
     try:
@@ -338,6 +352,14 @@ def _train(
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
     model = add_adapter(load_base_model(options), options)
+    quantization = None
+    if options.quantize is not None:
+        quantization = quantization_record(precision_dtype(options))
+        logger.info(
+            "base: %d Linear layers in %s; the adapter trains in full precision",
+            quantized_linear_layers(model),
+            describe_quantization(quantization),
+        )
     if rank == 0:
         model.print_trainable_parameters()
     callbacks: list[TrainerCallback] = [LogFinalStep()]
@@ -377,6 +399,7 @@ def _train(
                 "global_batch": options.micro_batch * world_size * grad_accum,
                 "deepspeed_config": ds_config,
                 "resolved": _resolved_settings(model),
+                "base_quantization": quantization,
                 "data": {
                     "examples": len(tokenized.dataset),
                     "records": tokenized.total,
@@ -384,7 +407,7 @@ def _train(
                     "dropped": tokenized.dropped,
                 },
                 "versions": tucka_llm.package_versions(
-                    "torch", "transformers", "peft", "deepspeed", "datasets", "accelerate"
+                    "torch", "transformers", "peft", "deepspeed", "datasets", "accelerate", "bitsandbytes"
                 ),
             },
         )
@@ -407,7 +430,7 @@ def _train(
         )
         return None
     _check_ranks_agree(trainer, ds_config, rank)
-    _save_final(trainer, output, rank)
+    _save_final(trainer, output, rank, {QUANTIZATION_RECORD: quantization} if quantization else {})
     logger.info("finished: adapter, tokenizer and metrics in %s", output)
     return output
 
@@ -467,13 +490,16 @@ def _check_ranks_agree(trainer: RunTrainer, ds_config: dict | None, rank: int) -
             raise RuntimeError(f"The ranks hold different adapters after training: {digests}. Please report this.")
 
 
-def _save_final(trainer: RunTrainer, output: Path, rank: int) -> None:
-    """Save the adapter and tokenizer beside the run files; adapter_model.safetensors arrives last, by rename."""
+def _save_final(trainer: RunTrainer, output: Path, rank: int, records: dict[str, dict[str, Any]]) -> None:
+    """Save the adapter, tokenizer and ``records`` (JSON files that travel with the adapter) beside the run files;
+    adapter_model.safetensors arrives last, by rename."""
     staging = output / ".final.tmp"
     trainer.save_model(str(staging))  # every rank: DeepSpeed gathers ZeRO-3 shards here
     _barrier()
     if rank == 0:
         (staging / "training_args.bin").unlink(missing_ok=True)
+        for name, record in records.items():
+            atomic_write_json(staging / name, record)
         sync_files(staging)  # on disk, and mode 0644 like the run's other files (safetensors creates 0600)
         names = sorted(p.name for p in staging.iterdir() if p.name not in FINAL_FILES_LAST)
         for name in [*names, *FINAL_FILES_LAST]:

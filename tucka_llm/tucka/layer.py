@@ -251,6 +251,11 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         if self.merged:
             raise ValueError("TuckA: adapters already merged into this layer; merge all adapters in one call.")
         weight = self.get_base_layer().weight
+        if not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"TuckA: the base weight of this {type(self.get_base_layer()).__name__} is stored quantised "
+                f"({weight.dtype}); merge into the base loaded in full precision (launch/export.py does)."
+            )
         with torch.no_grad():
             original = weight.float()
             merged = original.clone()
