@@ -20,9 +20,8 @@ from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError
 from tucka_llm.eval.problems import load_problems
 from tucka_llm.eval.run import EvalOptions, evaluate
-from tucka_llm.export import ExportError
+from tucka_llm.export import ExportError, export_lora
 from tucka_llm.export.cli import main as export_main
-from tucka_llm.export.lora import export_lora
 from tucka_llm.serving import RoutedLoRA, route_name
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import last_routes, routing

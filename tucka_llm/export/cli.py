@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from tucka_llm.export.lora import export_lora
+from tucka_llm.export import export_lora
 from tucka_llm.export.merge import DTYPES, export_merged
 from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
 from tucka_llm.locking import OutputInUse

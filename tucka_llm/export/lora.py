@@ -33,10 +33,12 @@ from tucka_llm.export.merge import (
     load_adapter,
     load_base,
     load_tokenizer,
+    quantized_training,
     read_adapter_config,
     resolve_base,
 )
 from tucka_llm.export.route import ExportError, calibration_sample, no_calibration_error
+from tucka_llm.quantization import describe_quantization
 from tucka_llm.serving.prompt_router import PromptRouter, PromptRouterError
 from tucka_llm.serving.routed_lora import (
     DEFAULT_GATE_LEVELS,
@@ -114,7 +116,9 @@ def export_lora(
         )
     base = resolve_base(config, base, adapter)
     with export_target(adapter, out, base, force):
-        model = load_adapter(load_base(base), adapter)
+        base_model = load_base(base)
+        quantization = quantized_training(adapter, base, base_model)
+        model = load_adapter(base_model, adapter)
         tokenizer = load_tokenizer(adapter, base)
         try:
             router = PromptRouter.from_model(model, gate_levels)
@@ -124,7 +128,7 @@ def export_lora(
         if calibration_routes:
             features = sequence_features(model, adapter, tokenizer, calibration_data, calibration_samples)
             routes = dict(Counter(router.routes_of_features(features)).most_common())
-        manifest = make_manifest(model, adapter, base, config, router, routes)
+        manifest = make_manifest(model, adapter, base, config, router, routes, quantization)
 
         def write(tmp: Path) -> None:
             (name,) = routing_layers(model)
@@ -184,6 +188,7 @@ def make_manifest(
     config: peft.PeftConfig,
     router: PromptRouter,
     routes: dict[Route, int],
+    quantization: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What the directory holds, how it was made, and what serving it needs (``manifest.json``)."""
     ((_, layer),) = routing_layers(model).items()
@@ -208,6 +213,7 @@ def make_manifest(
             {"name": route_name(r), "group": r.group, "gates": list(r.gates), "calibration_sequences": n}
             for r, n in routes.items()
         ],
+        "trained_on_quantized_base": quantization,
         "tucka_llm_version": tucka_llm.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -245,9 +251,22 @@ def model_card(manifest: dict[str, Any], out: Path) -> str:
         "`RoutedLoRA(dir).prompt_router().routes(token_ids)` gives each prompt its route without running the model.",
         "- `factors.safetensors`: U^T, W U and the mixing matrices, from which any route's adapter is made.",
         "",
+        *quantization_note(manifest),
         "Serve with vLLM (`enable_lora=True`, `max_lora_rank` >= the rank), one `LoRARequest` per prompt for its",
         f"route's adapter, or `vllm serve {manifest['base']} --enable-lora --lora-modules {modules} ...` with the",
         "route's name as the request's model. See the tucka-llm README, \"Routed serving\".",
         "",
     ]
     return "\n".join(lines)
+
+
+def quantization_note(manifest: dict[str, Any]) -> list[str]:
+    """The model card's lines on a base quantised in training (none if it was not)."""
+    quantization = manifest.get("trained_on_quantized_base")
+    if quantization is None:
+        return []
+    return [
+        f"Trained on the base quantised to {describe_quantization(quantization)}; W U is taken from the base in full "
+        "precision, so serve the adapters on the full-precision base (the usual QLoRA practice).",
+        "",
+    ]

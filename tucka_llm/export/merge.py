@@ -126,15 +126,7 @@ def _export(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     base_model = load_base(base)
-    quantization = read_quantization_record(adapter)
-    if quantization is not None:
-        logger.info(
-            "the adapter was trained on its base quantised to %s; it is merged into %s loaded in full precision (%s), "
-            "the usual QLoRA practice",
-            describe_quantization(quantization),
-            base,
-            str(base_model.dtype).removeprefix("torch."),
-        )
+    quantization = quantized_training(adapter, base, base_model)
     model = load_adapter(base_model, adapter)
     tokenizer = load_tokenizer(adapter, base)
     chosen = None
@@ -236,6 +228,21 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
             raise ExportError(f"--out {out}: replacing it would delete the input {path}; choose another directory.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it, or choose another.")
+
+
+def quantized_training(adapter: Path, base: str, base_model: PreTrainedModel) -> dict[str, Any] | None:
+    """The adapter's record of a base quantised in training (None if it was not), logged: the export uses the
+    full-precision base, the usual QLoRA practice."""
+    quantization = read_quantization_record(adapter)
+    if quantization is not None:
+        logger.info(
+            "the adapter was trained on its base quantised to %s; it is exported against %s loaded in full "
+            "precision (%s), the usual QLoRA practice",
+            describe_quantization(quantization),
+            base,
+            str(base_model.dtype).removeprefix("torch."),
+        )
+    return quantization
 
 
 def load_base(base: str) -> PreTrainedModel:
