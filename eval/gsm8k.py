@@ -1,6 +1,7 @@
-"""GSM8K test accuracy of a merged checkpoint with vLLM, or of an unmerged adapter (``--help``).
+"""GSM8K test accuracy of a merged checkpoint, or of a base model with an adapter (``--help``).
 
 python eval/gsm8k.py --model merged/
+python eval/gsm8k.py --model BASE --adapter runs/train --backend vllm    # TuckA routed: each prompt its route's LoRA
 python eval/gsm8k.py --model BASE --adapter runs/train --backend hf
 """
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 import tucka_llm
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
-from tucka_llm.export import export_merged
+from tucka_llm.export import export_lora, export_merged
 from tucka_llm.locking import exclusive_directory
 from tucka_llm.stages import free_port
 from tucka_llm.training import parse_options
@@ -162,9 +162,13 @@ def test_each_method_trains_on_a_4bit_base_with_8bit_adamw_and_exports_into_the_
     finally:
         logger.removeHandler(caplog.handler)
     assert "trained on its base quantised to 4-bit NF4" in caplog.text
-    assert f"merged into {tiny_model} loaded in full precision (float32)" in caplog.text
+    assert f"exported against {tiny_model} loaded in full precision (float32)" in caplog.text
     assert "Trained on the base quantised to 4-bit NF4" in (tmp_path / "merged" / "README.md").read_text()
     assert json.loads((tmp_path / "merged" / "tucka_export.json").read_text())["trained_on_quantized_base"] == record
+    if method == "tucka":  # routed LoRA export takes W U from the full-precision base too, and says so
+        export_lora(output, tmp_path / "routed")
+        assert json.loads((tmp_path / "routed" / "manifest.json").read_text())["trained_on_quantized_base"] == record
+        assert "Trained on the base quantised to 4-bit NF4" in (tmp_path / "routed" / "README.md").read_text()
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), output).eval()
     assert not any("Linear4bit" in type(m).__name__ for m in model.modules())
     inputs = llama2_tokenizer()(PROMPTS, return_tensors="pt", padding=True)

@@ -7,6 +7,7 @@ errors here, and so is an adapter file that does not load, each in one line that
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
-import tucka_llm  # noqa: F401  (registers TuckA with peft)
+import tucka_llm  # registers TuckA with peft
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -60,6 +61,23 @@ def load_checked_adapter(model: PreTrainedModel, adapter: Path, base_flag: str) 
             "trained on."
         )
     return loaded
+
+
+def saved_adapter_config(adapter: Path) -> peft.PeftConfig:
+    """The peft config saved in ``adapter`` (TuckA's too), or an AdapterLoadError saying why it cannot be read."""
+    try:
+        return peft.PeftConfig.from_pretrained(str(adapter))
+    except (ValueError, TypeError, KeyError, OSError, json.JSONDecodeError) as error:
+        raise AdapterLoadError(f"--adapter {adapter}: adapter_config.json is unreadable ({error}).") from error
+
+
+def adapter_method(config: peft.PeftConfig) -> str:
+    """ "tucka", "lora" or "dora"; another peft method is an AdapterLoadError."""
+    if isinstance(config, tucka_llm.TuckAConfig):
+        return "tucka"
+    if isinstance(config, peft.LoraConfig):
+        return "dora" if config.use_dora else "lora"
+    raise AdapterLoadError(f"The adapter is a {config.peft_type} adapter.")
 
 
 def _saved_weights(adapter: Path) -> dict[str, torch.Tensor]:

@@ -10,17 +10,28 @@ from tucka_llm.eval.backends import BACKENDS, EvalError, vllm_available
 from tucka_llm.eval.problems import SHIPPED
 from tucka_llm.eval.run import MAX_NEW_TOKENS, METAMATH_STOP, SCORINGS, EvalOptions, evaluate
 from tucka_llm.locking import OutputInUse
+from tucka_llm.serving.routed_lora import DEFAULT_GATE_LEVELS
 
 
 def build_parser(task: str) -> argparse.ArgumentParser:
     name = {"gsm8k": "GSM8K", "math": "MATH"}[task]
     parser = argparse.ArgumentParser(
         prog=f"eval/{'gsm8k' if task == 'gsm8k' else 'hendrycks_math'}.py",
-        description=f"{name} accuracy of a merged checkpoint (vLLM) or of a base model with an unmerged adapter (hf).",
+        description=f"{name} accuracy of a merged checkpoint, or of a base model with an adapter: with vLLM a LoRA "
+        "adapter as it is and a TuckA adapter routed (each prompt by its route's LoRA adapter), with hf unmerged.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", required=True, help="merged checkpoint directory (launch/export.py) or hub id")
-    parser.add_argument("--adapter", default=None, help="an unmerged adapter on --model (needs --backend hf)")
+    parser.add_argument(
+        "--adapter", default=None, help="an adapter on --model (launch/train.py's output; vLLM: LoRA or TuckA)"
+    )
+    parser.add_argument(
+        "--gate-levels",
+        type=int,
+        default=None,
+        help=f"TuckA: gates of each served route rounded to this many values (default: {DEFAULT_GATE_LEVELS} on "
+        "vllm, exact gates on hf)",
+    )
     shipped = [key for key in SHIPPED if key.startswith(task)]
     if task == "math":
         parser.add_argument(
@@ -100,6 +111,7 @@ def main(task: str, argv: list[str] | None = None) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
+        gate_levels=args.gate_levels,
     )
     try:
         summary = evaluate(options)

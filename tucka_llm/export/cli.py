@@ -6,27 +6,48 @@ import argparse
 import logging
 import sys
 
+from tucka_llm.export import export_lora
 from tucka_llm.export.merge import DTYPES, export_merged
 from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
 from tucka_llm.locking import OutputInUse
+from tucka_llm.serving.routed_lora import DEFAULT_GATE_LEVELS
+
+FORMATS = ("merged", "lora")
+MERGED_ONLY = ("route", "dtype", "device", "max_shard_size")  # flags without a meaning for --format lora
+MERGED_DEFAULTS = {"dtype": "bfloat16", "max_shard_size": "5GB"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launch/export.py",
         description="Merge a trained TuckA, LoRA or DoRA adapter into its base model: a plain Hugging Face "
-        "checkpoint for transformers and vLLM.",
+        "checkpoint for transformers and vLLM. --format lora instead converts a TuckA adapter into peft LoRA "
+        "adapters, one per served route, with the router that picks a prompt's route (routed serving).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--adapter", required=True, help="the adapter: launch/train.py's output directory")
-    parser.add_argument("--out", required=True, help="directory for the merged checkpoint (written atomically)")
+    parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
+    parser.add_argument(
+        "--format",
+        default="merged",
+        choices=FORMATS,
+        help="merged: one checkpoint with one route folded in; lora: TuckA as per-route LoRA adapters + router",
+    )
     parser.add_argument(
         "--route",
         default=None,
-        help=f"TuckA only, what is folded into the weights: {ROUTE_SYNTAX} (default: {DEFAULT_ROUTE}; see README)",
+        help=f"merged TuckA only, what is folded into the weights: {ROUTE_SYNTAX} (default: {DEFAULT_ROUTE})",
     )
-    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPES), help="dtype of the merged weights")
+    parser.add_argument(
+        "--gate-levels",
+        type=int,
+        default=None,
+        help=f"lora only: values each gate of a served route is rounded to (default: {DEFAULT_GATE_LEVELS})",
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=list(DTYPES), help="merged only: dtype of the merged weights (bfloat16)"
+    )
     parser.add_argument(
         "--calibration-data",
         default=None,
@@ -34,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "no tucka_router_calibration.safetensors (a .json/.jsonl file, gsm8k-train, or a hub id)",
     )
     parser.add_argument("--calibration-samples", type=int, default=256, help="sequences sampled for the calibration")
-    parser.add_argument("--device", default=None, help="where layers are merged (default: cuda if available, else cpu)")
-    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (an index is written)")
+    parser.add_argument("--device", default=None, help="merged only: where layers are merged (default: cuda if any)")
+    parser.add_argument("--max-shard-size", default=None, help="merged only: largest safetensors shard (5GB)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return parser
 
@@ -45,18 +66,43 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tucka_llm").setLevel(logging.INFO)
     try:
-        result = export_merged(
-            args.adapter,
-            args.out,
-            base=args.base,
-            route=args.route,
-            dtype=args.dtype,
-            calibration_data=args.calibration_data,
-            calibration_samples=args.calibration_samples,
-            device=args.device,
-            max_shard_size=args.max_shard_size,
-            force=args.force,
-        )
+        if args.format == "lora":
+            export_routed(args)
+        else:
+            export_checkpoint(args)
     except (ExportError, OutputInUse) as error:
         sys.exit(f"error: {error}")
+
+
+def export_checkpoint(args: argparse.Namespace) -> None:
+    if args.gate_levels is not None:
+        raise ExportError("--gate-levels applies to --format lora (routed serving); a merged checkpoint has no routes.")
+    flags = {name: getattr(args, name) or MERGED_DEFAULTS.get(name) for name in MERGED_ONLY}
+    result = export_merged(
+        args.adapter,
+        args.out,
+        base=args.base,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+        force=args.force,
+        **flags,
+    )
     print(f"merged {result.method} checkpoint: {result.path}")
+
+
+def export_routed(args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in MERGED_ONLY if getattr(args, name) is not None]
+    if given:
+        raise ExportError(
+            f"{', '.join(given)} applies to --format merged only: --format lora keeps every route (float32 factors)."
+        )
+    result = export_lora(
+        args.adapter,
+        args.out,
+        base=args.base,
+        gate_levels=DEFAULT_GATE_LEVELS if args.gate_levels is None else args.gate_levels,
+        calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples,
+        force=args.force,
+    )
+    print(f"routed LoRA export: {result.path} ({len(result.routes)} route adapters; serving: {result.path}/README.md)")

@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
+from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, load_checked_adapter, saved_adapter_config
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
 from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
@@ -79,13 +79,30 @@ def export_merged(
         raise ExportError(f"--dtype {dtype}: not supported; choose one of {', '.join(DTYPES)}.")
     check_flags(device, max_shard_size, calibration_samples)
     config = read_adapter_config(adapter)
+    base = resolve_base(config, base, adapter)
+    with export_target(adapter, out, base, force):
+        return _export(adapter, out, config, base, route, dtype, calibration_data, calibration_samples, device,
+                       max_shard_size, force)  # fmt: skip
+
+
+def resolve_base(config: peft.PeftConfig, base: str | None, adapter: Path) -> str:
+    """``--base``, else the base model recorded in the adapter's config."""
     base = base or config.base_model_name_or_path
     if not base:
         raise ExportError(f"--adapter {adapter}: its adapter_config.json records no base model; pass --base.")
-    # One export to an --out at a time: the lock sits beside it, since the checkpoint replaces --out as a whole.
+    return base
+
+
+@contextlib.contextmanager
+def export_target(adapter: Path, out: Path, base: str, force: bool) -> Iterator[None]:
+    """Hold ``out``'s lock for the block, after removing what a stopped export left beside it and refusing an ``out``
+    that exists without ``force`` or would replace an input. The lock sits beside ``out``, since an export replaces
+    ``out`` as a whole: one export to an --out at a time."""
     with exclusive(out.parent / f".{out.name}{LOCK_FILE}", f"--out {out}"):
-        return _export(adapter, out, config, base, route, dtype, calibration_data, calibration_samples, device,
-                       max_shard_size, force)  # fmt: skip
+        for stale in remove_stale_directories(out):
+            logger.info("removed %s, left by an export to %s that was stopped", stale, out)
+        check_output(out, force, inputs=[adapter, Path(base)])
+        yield
 
 
 def _export(
@@ -102,31 +119,20 @@ def _export(
     force: bool,
 ) -> ExportResult:
     """``export_merged`` once its flags are read and ``out`` is locked."""
-    for stale in remove_stale_directories(out):
-        logger.info("removed %s, left by an export to %s that was stopped", stale, out)
-    check_output(out, force, inputs=[adapter, Path(base)])
-    method = adapter_method(config)
+    method = export_method(config)
     spec = RouteSpec.parse(route or DEFAULT_ROUTE)
     if method != "tucka" and route is not None:
         raise ExportError(f"--route applies to TuckA adapters only; {adapter} holds a {method} adapter.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     base_model = load_base(base)
-    quantization = read_quantization_record(adapter)
-    if quantization is not None:
-        logger.info(
-            "the adapter was trained on its base quantised to %s; it is merged into %s loaded in full precision (%s), "
-            "the usual QLoRA practice",
-            describe_quantization(quantization),
-            base,
-            str(base_model.dtype).removeprefix("torch."),
-        )
+    quantization = quantized_training(adapter, base, base_model)
     model = load_adapter(base_model, adapter)
     tokenizer = load_tokenizer(adapter, base)
     chosen = None
     if method == "tucka":
         chosen = choose_route(
-            model, spec, adapter, _features_recomputer(model, tokenizer, calibration_data, calibration_samples)
+            model, spec, adapter, features_recomputer(model, tokenizer, calibration_data, calibration_samples)
         )
         logger.info("folding %s", chosen.describe())
     merged = merge_layer_by_layer(model, chosen, DTYPES[dtype], torch.device(device))
@@ -177,8 +183,12 @@ def check_flags(device: str | None, max_shard_size: str, calibration_samples: in
         raise ExportError(f"--max-shard-size {max_shard_size}: not a size ({error}); write it like 5GB.") from None
     if shard_bytes <= 0:
         raise ExportError(f"--max-shard-size {max_shard_size}: must be more than 0 bytes.")
-    if calibration_samples < 1:
-        raise ExportError(f"--calibration-samples must be at least 1, got {calibration_samples}.")
+    check_calibration_samples(calibration_samples)
+
+
+def check_calibration_samples(samples: int) -> None:
+    if samples < 1:
+        raise ExportError(f"--calibration-samples must be at least 1, got {samples}.")
 
 
 def read_adapter_config(adapter: Path) -> peft.PeftConfig:
@@ -195,17 +205,17 @@ def read_adapter_config(adapter: Path) -> peft.PeftConfig:
     if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ExportError(f"--adapter {adapter}: adapter_config.json but no adapter_model.safetensors beside it.")
     try:
-        return peft.PeftConfig.from_pretrained(str(adapter))
-    except (ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
-        raise ExportError(f"--adapter {adapter}: adapter_config.json is unreadable ({error}).") from error
+        return saved_adapter_config(adapter)
+    except AdapterLoadError as error:
+        raise ExportError(str(error)) from error
 
 
-def adapter_method(config: peft.PeftConfig) -> str:
-    if isinstance(config, tucka_llm.TuckAConfig):
-        return "tucka"
-    if isinstance(config, peft.LoraConfig):
-        return "dora" if config.use_dora else "lora"
-    raise ExportError(f"The adapter is a {config.peft_type} adapter; export merges TuckA, LoRA and DoRA adapters.")
+def export_method(config: peft.PeftConfig) -> str:
+    """``adapter_method`` of the adapter, as an ExportError when it is none that export knows."""
+    try:
+        return adapter_method(config)
+    except AdapterLoadError as error:
+        raise ExportError(f"{error} Export merges TuckA, LoRA and DoRA adapters.") from None
 
 
 def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
@@ -218,6 +228,21 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
             raise ExportError(f"--out {out}: replacing it would delete the input {path}; choose another directory.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it, or choose another.")
+
+
+def quantized_training(adapter: Path, base: str, base_model: PreTrainedModel) -> dict[str, Any] | None:
+    """The adapter's record of a base quantised in training (None if it was not), logged: the export uses the
+    full-precision base, the usual QLoRA practice."""
+    quantization = read_quantization_record(adapter)
+    if quantization is not None:
+        logger.info(
+            "the adapter was trained on its base quantised to %s; it is exported against %s loaded in full "
+            "precision (%s), the usual QLoRA practice",
+            describe_quantization(quantization),
+            base,
+            str(base_model.dtype).removeprefix("torch."),
+        )
+    return quantization
 
 
 def load_base(base: str) -> PreTrainedModel:
@@ -250,7 +275,7 @@ def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
         ) from error
 
 
-def _features_recomputer(
+def features_recomputer(
     model: peft.PeftModel, tokenizer: PreTrainedTokenizerBase, source: str | None, samples: int
 ) -> Callable[[], tuple[torch.Tensor, dict[str, Any]]] | None:
     """The calibration sample's routing features recomputed from ``source`` the way training computes them

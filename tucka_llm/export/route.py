@@ -171,6 +171,32 @@ def calibration_routes(
     return CalibrationRoutes.of(router, routes, torch.cat(scores), source)
 
 
+def calibration_sample(
+    adapter_dir: Path, adapter_name: str, width: int, features_from_data: FeaturesFromData | None, sequences: bool
+) -> tuple[torch.Tensor, dict[str, Any]] | None:
+    """The calibration sample's routing features, (n, d), and where they come from: the training record, else
+    ``features_from_data`` (``--calibration-data``), which is also used when ``sequences`` are needed and the record
+    holds the centroid alone; None when neither has them. Features of another width are an ExportError."""
+    found = recorded_features(adapter_dir, adapter_name)
+    if features_from_data is not None and (found is None or (sequences and found[0].shape[0] == 1)):
+        found = features_from_data()
+    if found is not None and found[0].shape[-1] != width:
+        raise ExportError(
+            f"The calibration features in {found[1].get('file', 'the calibration data')} have size "
+            f"{found[0].shape[-1]}, but the adapter's router expects {width}: they belong to another model. Pass "
+            "--calibration-data."
+        )
+    return found
+
+
+def no_calibration_error(what: str, rule: str, adapter_dir: Path) -> ExportError:
+    """The error for a rule that needs calibration features that neither training nor --calibration-data gave."""
+    return ExportError(
+        f"{rule}: needs the {what}, but {adapter_dir} has no {ROUTER_CALIBRATION} with them (launch/train.py writes "
+        "it). Pass --calibration-data (a MetaMathQA .json/.jsonl or gsm8k-train) to recompute them"
+    )
+
+
 def choose_route(
     model: nn.Module, spec: RouteSpec, adapter_dir: Path, features_from_data: FeaturesFromData | None
 ) -> ChosenRoute:
@@ -195,19 +221,11 @@ def choose_route(
             "= 0 scores every expert 0.5); use --route expected (default) or majority."
         )
 
-    found = recorded_features(adapter_dir, name)
     needs_sequences = spec.kind in ("expected", "majority", "group")
-    if features_from_data is not None and (found is None or (needs_sequences and found[0].shape[0] == 1)):
-        found = features_from_data()
+    found = calibration_sample(adapter_dir, name, layer.in_features, features_from_data, needs_sequences)
     calibration, centroid = None, None
     if found is not None:
         features, source = found
-        if features.shape[-1] != layer.in_features:
-            raise ExportError(
-                f"The calibration features in {source.get('file', 'the calibration data')} have size "
-                f"{features.shape[-1]}, but the adapter's router expects {layer.in_features}: they belong to another "
-                "model. Pass --calibration-data."
-            )
         centroids, center = (None if t is None else t.detach().float().cpu() for t in layer.router_tensors(name))
         if features.shape[0] > 1:  # a record from before features were kept holds the centroid alone
             calibration = calibration_routes(router, centroids, center, features.float(), source)
@@ -227,11 +245,8 @@ def choose_route(
         return chosen(centroid, "the router's choice for the calibration centroid", share_of(centroid.group))
     if calibration is None:
         what = "centroid" if spec.kind == "centroid" else "routing features of calibration sequences"
-        raise ExportError(
-            f"--route {spec.kind}: needs the {what}, but {adapter_dir} has no {ROUTER_CALIBRATION} with them "
-            "(launch/train.py writes it). Pass --calibration-data (a MetaMathQA .json/.jsonl or gsm8k-train) to "
-            "recompute them, or choose the route yourself: --route group:I:g1,g2,..."
-        )
+        error = no_calibration_error(what, f"--route {spec.kind}", adapter_dir)
+        raise ExportError(f"{error}, or choose the route yourself: --route group:I:g1,g2,...")
     share, gates = calibration.share, calibration.mean_gates
     if spec.kind == "group":
         how = f"group {spec.group} (--route), mean gates of the calibration sequences routed to it"

@@ -146,6 +146,8 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             if mode == "batch":
                 features = features.mean(dim=0, keepdim=True)
             route = router.route_features(features, centroids, center, (state.draw_step, state.draws))
+            if state.gate_levels is not None:
+                route = router.quantise(route, state.gate_levels)
         if state.route is None:
             state.route = route
             state.record(route)
@@ -165,6 +167,26 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             coefficients = coefficients * route.weights.to(coefficients.dtype).view(-1, 1)
             return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->rs", coefficients, cores).unsqueeze(0)
         return self.tucka_alpha[adapter_name] * torch.einsum("np,nprs->nrs", coefficients, cores)
+
+    def lora_basis(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A, WU, M) in fp32 such that under route (group i, gates g) this layer is exactly the LoRA layer
+        y = x W^T + (x A^T) B^T with A = U^T and B = WU (sum_j g_j M[i, j])^T (method note, section 4).
+
+        A = U^T (r, d_in) and WU = W U^ (d_out, r) are route-free; M (k, t, r, r) holds each expert's mixing matrix
+        (``mixing_matrix`` of a one-hot gate, alpha and the normalisations folded in): M is linear in the gates, so
+        any route's B is a weighted sum and a route's LoRA adapter needs neither the base weights nor this layer.
+        """
+        k, t = self.tucka_state[adapter_name].k, self.tucka_state[adapter_name].t
+        weight = self.get_base_layer().weight
+        with torch.no_grad():
+            u = self.normalised_subspace(adapter_name, torch.float32)
+            experts = ActiveRoute(
+                group=torch.arange(k, device=u.device).repeat_interleave(t),
+                gates=torch.eye(t, device=u.device).repeat(k, 1),
+            )
+            r = u.shape[1]
+            mixing = self.mixing_matrix(adapter_name, experts, torch.float32).view(k, t, r, r)
+            return u.t().contiguous(), weight.float() @ u.to(weight.device), mixing
 
     def normalised_subspace(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """U / ||U||_F in ``dtype`` (default: the adapter's)."""

@@ -15,6 +15,8 @@ from tucka_llm.tucka.config import TuckAConfig, width_scaled_alpha
 from tucka_llm.tucka.layer import TuckALayer
 from tucka_llm.tucka.routing import (
     ExpertLoad,
+    Route,
+    RouteMixture,
     Router,
     RoutingMode,
     RoutingState,
@@ -124,25 +126,44 @@ def routing_states(model: nn.Module) -> dict[str, RoutingState]:
 
 
 @contextmanager
-def routing(model: nn.Module, mode: RoutingMode) -> Iterator[None]:
+def routing(model: nn.Module, mode: RoutingMode, gate_levels: int | None = None) -> Iterator[None]:
     """Set the routing mode of every TuckA adapter in ``model`` for the duration of the block.
 
     ``mode``: ``"batch"`` (one route per forward, the paper's training-time routing), ``"sequence"`` (one route
     per sequence, so an answer never depends on its batch neighbours), a ``Route`` (fixed group and gates), a
     ``RouteMixture`` (a fixed weighted sum of routes), or None (the default: batch while ``model.training``,
-    sequence otherwise).
+    sequence otherwise). ``gate_levels``: the routes the router computes are quantised as routed serving serves
+    them (``Router.quantise``), so the unmerged model gives what the served LoRA adapters give.
     """
     states = list(routing_states(model).values())
     for state in states:
         validate_mode(mode, state.k, state.t)
-    previous = [state.mode for state in states]
+    if gate_levels is not None:
+        if isinstance(mode, Route | RouteMixture):
+            raise ValueError("gate_levels quantise the routes the router computes; a fixed route is used as given.")
+        if isinstance(gate_levels, bool) or not isinstance(gate_levels, int) or gate_levels < 1:
+            raise ValueError(f"gate_levels must be an integer >= 1 (or None for exact gates), got {gate_levels!r}.")
+    previous = [(state.mode, state.gate_levels) for state in states]
     try:
         for state in states:
-            state.mode, state.route, state.held = mode, None, False
+            state.mode, state.gate_levels, state.route, state.held = mode, gate_levels, None, False
         yield
     finally:
-        for state, old in zip(states, previous, strict=True):
-            state.mode, state.route, state.held = old, None, False
+        for state, (old, levels) in zip(states, previous, strict=True):
+            state.mode, state.gate_levels, state.route, state.held = old, levels, None, False
+
+
+def last_routes(model: nn.Module) -> list[Route]:
+    """The routes the (single) TuckA adapter of ``model`` took in its last forward (during ``generate``: the
+    prefill's, held for every decode step), one per sequence in sequence mode, as plain ``Route`` values."""
+    states = routing_states(model)
+    if len(states) != 1:
+        raise ValueError(f"The model holds {len(states)} TuckA adapters ({', '.join(states)}); expected one.")
+    (state,) = states.values()
+    if state.route is None:
+        raise ValueError("No route yet: run a forward pass of the model first.")
+    groups, gates = state.route.group.tolist(), state.route.gates.tolist()
+    return [Route(group, row) for group, row in zip(groups, gates, strict=True)]
 
 
 def expert_load(model: nn.Module, reset: bool = True) -> dict[str, ExpertLoad]:

@@ -17,6 +17,7 @@ Routers (``TuckAConfig.router``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import math
@@ -135,6 +136,7 @@ class RoutingState:
         self.attention_mask: torch.Tensor | None = None
         self.route: ActiveRoute | None = None
         self.held = False  # True during decode steps: the route of the prefill is reused
+        self.gate_levels: int | None = None  # set: computed routes are quantised (Router.quantise) as served
         self.calibration: list[torch.Tensor] | None = None  # set by data_aware_init while it collects features
         self.draw_step, self.draws = 0, 0
         self._load_counts: torch.Tensor | None = None  # (k,) on the router's device
@@ -289,6 +291,31 @@ class Router:
         """features (n, d) -> one route per row."""
         return self.route(self.scores(self.logits(features, centroids, center, draw)))
 
+    def gate_range(self) -> tuple[float, float]:
+        """The smallest and largest value one gate can take under this router (see ``gate_range``)."""
+        return gate_range(self.t, self.normalize_gates)
+
+    def quantise(self, route: ActiveRoute, levels: int) -> ActiveRoute:
+        """The served route: each gate rounded to the nearest of ``levels`` equally spaced values spanning
+        ``gate_range()`` (one level: its middle), then divided by their sum again when the router normalises gates.
+
+        With finitely many gate values a finite set of fixed routes (one LoRA adapter each) covers every input
+        (routed serving, ``tucka_llm.serving``). Done in float64 so that every caller that starts from the same
+        gates ends on the same grid values.
+        """
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"gate levels must be an integer >= 1, got {levels!r}.")
+        low, high = self.gate_range()
+        gates = route.gates.double()
+        if levels == 1 or high == low:
+            quantised = torch.full_like(gates, (low + high) / 2)
+        else:
+            step = (high - low) / (levels - 1)
+            quantised = low + torch.round((gates - low) / step).clamp(0, levels - 1) * step
+        if self.normalize_gates:
+            quantised = quantised / quantised.sum(dim=-1, keepdim=True)
+        return ActiveRoute(route.group, quantised.to(route.gates.dtype), route.weights)
+
     def initial_centroids(self, e: torch.Tensor, seed: int) -> torch.Tensor | None:
         """DAI (paper Eq. 10) from the calibration centroid ``e``: E = [e, e + eps_1, ...] for ``dai``, E = e + eps
         for every row for ``centred`` (an unperturbed row would score exactly 0 for every input), eps ~ U(-a, a);
@@ -309,6 +336,26 @@ class Router:
         """eps ~ U(-a, a), (rows, d), from a CPU generator seeded with ``seed`` (the same on every rank and device)."""
         generator = torch.Generator().manual_seed(seed)
         return (torch.rand(rows, d, generator=generator) * 2 - 1) * self.perturb_scale
+
+
+@functools.cache
+def gate_range(t: int, normalize_gates: bool) -> tuple[float, float]:
+    """The interval one gate lives in. A group's t scores are sigmoid(l) of a unit vector l (the per-group
+    normalisation), so each score lies in [sigmoid(-1), sigmoid(1)]. Normalised gates s_j / sum_m s_m reach their
+    extremes when the other t - 1 logits are equal (the sigmoid is convex below 0 and concave above), which leaves a
+    one-dimensional search over l_j, done here on a fine grid (exact to ~1e-9): [0.3223, 0.6777] at t = 2.
+    """
+    if not normalize_gates:
+        return float(torch.sigmoid(torch.tensor(-1.0, dtype=torch.float64))), float(
+            torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
+        )
+    if t == 1:
+        return 1.0, 1.0
+    a = torch.linspace(-1, 1, 200_001, dtype=torch.float64)
+    others = torch.sqrt((1 - a * a) / (t - 1))
+    values = [torch.sigmoid(a) / (torch.sigmoid(a) + (t - 1) * torch.sigmoid(sign * others)) for sign in (-1, 1)]
+    gates = torch.cat(values)
+    return float(gates.min()), float(gates.max())
 
 
 def fixed_route(route: Route | RouteMixture, device: torch.device, dtype: torch.dtype) -> ActiveRoute:
