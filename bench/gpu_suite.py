@@ -62,7 +62,7 @@ from transformers import LlamaConfig
 import tucka_llm
 from tucka_llm.atomic import atomic_write_json
 from tucka_llm.export import export_merged
-from tucka_llm.models import llama2_7b_config
+from tucka_llm.models import llama2_7b_config, tiny_llama_config
 from tucka_llm.quantization import bitsandbytes_missing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,18 +100,7 @@ GPU = Scale(
     dtype="bfloat16",
 )
 DRY_RUN = Scale(
-    model=LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=32000,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    ),
+    model=tiny_llama_config(),
     training=tuple(run for run in TRAINING if run[0] != "dora"),  # DoRA's run takes LoRA's code path: time saved
     sequence=64,
     steps=2,

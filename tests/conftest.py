@@ -7,12 +7,13 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tucka_llm
 from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
+from tucka_llm.models import tiny_llama_config
 from tucka_llm.tucka.dai import calibration_features, initialise_router
 
 PROMPTS = [
@@ -21,22 +22,6 @@ PROMPTS = [
     "Betty is saving money for a new wallet which costs $100. Betty has only half of the money she needs.",
     "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
 ]
-
-
-def tiny_llama_config() -> LlamaConfig:
-    """2 layers, hidden 64, GQA, the Llama-2 vocabulary; head_dim 32 so that vLLM's CPU backend accepts it too."""
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=32,
-        vocab_size=32000,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:

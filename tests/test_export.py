@@ -12,7 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from conftest import PROMPTS, TUCKA_CONFIG, save_adapter, tiny_llama_config
+from conftest import PROMPTS, TUCKA_CONFIG, save_adapter
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,6 +21,7 @@ from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
+from tucka_llm.models import tiny_llama_config
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import ModelError, load_base_model
 from tucka_llm.tucka.dai import routing_layers

@@ -55,3 +55,20 @@ def medium_llama_config() -> LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def tiny_llama_config() -> LlamaConfig:
+    """2 layers, hidden 64, GQA, the Llama-2 vocabulary: the tests' model and the GPU suite's dry run. head_dim 32 so
+    that vLLM's CPU backend accepts it too."""
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
