@@ -30,14 +30,15 @@ them beside the repository (``.whl/``, ignored by git):
 
     DS_BUILD_OPS=0 pip wheel --no-deps -w .whl deepspeed==0.19.8                          # 2.2 MB, pure Python
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 --platform any -d .whl \\
+        --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl \\
         datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 \\
-        annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2               # 47 MB, 43 of them bnb
+        annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2       # 47 MB, 43 of them bitsandbytes
 
 Name ``--python-version`` after the GPU machine's Python, add ``peft==0.21.2`` (0.5 MB) if its peft is not
-0.21-0.22, and leave bitsandbytes out to stay at 6 MB. There: ``python3 -m pip install --no-index --no-deps
-.whl/*.whl`` (into the environment, so that its ``deepspeed`` command lies beside ``python3``, where the launcher
-looks), then ``PYTHONPATH=. python3 bench/gpu_suite.py --out gpu_suite.json`` from the repository.
+0.21-0.22, and leave bitsandbytes out to stay at 6 MB (49 MB with it, deepspeed included). There: ``python3 -m pip
+install --no-index --no-deps .whl/*.whl`` (into the environment, so that its ``deepspeed`` command lies beside
+``python3``, where the launcher looks), then ``PYTHONPATH=. python3 bench/gpu_suite.py --out gpu_suite.json`` from
+the repository.
 """
 
 from __future__ import annotations

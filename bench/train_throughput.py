@@ -2,7 +2,7 @@
 a base in full precision and on the same base quantised to 4 bits (``--quantize 4bit``).
 
     python bench/train_throughput.py [--shape small --ranks 2 --max-steps 20 --repeats 1 --bases full,4bit]
-    python bench/train_throughput.py --shape medium --max-steps 8             # the 4-bit saving visible on a CPU
+    python bench/train_throughput.py --shape medium --max-steps 8     # CPU: Linear layers hold most weights
     python bench/train_throughput.py --shape llama2-7b --ranks 1     # GPU: Llama-2-7B shape, BF16, ZeRO-2
 
 The base model is built here with seeded random weights (no download) and saved with the shipped Llama-2
