@@ -21,6 +21,7 @@ from tucka_llm.tucka.routing import (
     RoutingMode,
     RoutingState,
     install_forward_hook,
+    validate_gate_levels,
     validate_mode,
 )
 
@@ -141,8 +142,7 @@ def routing(model: nn.Module, mode: RoutingMode, gate_levels: int | None = None)
     if gate_levels is not None:
         if isinstance(mode, Route | RouteMixture):
             raise ValueError("gate_levels quantise the routes the router computes; a fixed route is used as given.")
-        if isinstance(gate_levels, bool) or not isinstance(gate_levels, int) or gate_levels < 1:
-            raise ValueError(f"gate_levels must be an integer >= 1 (or None for exact gates), got {gate_levels!r}.")
+        validate_gate_levels(gate_levels)  # here, not at the first forward
     previous = [(state.mode, state.gate_levels) for state in states]
     try:
         for state in states:

@@ -303,8 +303,7 @@ class Router:
         (routed serving, ``tucka_llm.serving``). Done in float64 so that every caller that starts from the same
         gates ends on the same grid values.
         """
-        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-            raise ValueError(f"gate levels must be an integer >= 1, got {levels!r}.")
+        validate_gate_levels(levels)
         low, high = self.gate_range()
         gates = route.gates.double()
         if levels == 1 or high == low:
@@ -336,6 +335,12 @@ class Router:
         """eps ~ U(-a, a), (rows, d), from a CPU generator seeded with ``seed`` (the same on every rank and device)."""
         generator = torch.Generator().manual_seed(seed)
         return (torch.rand(rows, d, generator=generator) * 2 - 1) * self.perturb_scale
+
+
+def validate_gate_levels(levels: int) -> None:
+    """Refuse a number of gate levels (``Router.quantise``) that is not an integer >= 1."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"gate levels must be an integer >= 1, got {levels!r}.")
 
 
 @functools.cache
