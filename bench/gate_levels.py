@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from quality_small import spread  # a bench/ sibling: this script runs as python bench/gate_levels.py
 from transformers import AutoTokenizer
 
 from tucka_llm.eval.backends import HFBackend, Sampling
@@ -77,12 +78,6 @@ def measure(base: str, adapter: str, levels: list[int | None], args: argparse.Na
             results[level]["texts"], results[None]["texts"]
         )
     return results
-
-
-def spread(values: list[float], digits: int) -> str:
-    """mean ± half the range."""
-    mean, half = statistics.mean(values), (max(values) - min(values)) / 2
-    return f"{mean:.{digits}f} ± {half:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def main() -> None:

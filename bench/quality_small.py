@@ -86,11 +86,11 @@ def measure(base: Path, run: Path, batches: list[dict[str, torch.Tensor]]) -> di
     return result
 
 
-def spread(values: list[float]) -> str:
+def spread(values: list[float], digits: int = 4) -> str:
     """mean ± half the range over seeds (with 2 seeds: the distance of each seed from the mean)."""
     if len(values) == 1:
-        return f"{values[0]:.4f}"
-    return f"{statistics.mean(values):.4f} ± {(max(values) - min(values)) / 2:.4f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {(max(values) - min(values)) / 2:.{digits}f}"
 
 
 def print_tables(work: Path, variants: list[str], seeds: list[int], base_loss: float, held_out: int) -> None:
