@@ -120,6 +120,9 @@ def test_tucka_wraps_a_4bit_linear_as_it_wraps_a_linear_and_refuses_to_merge_int
         ),
     ):
         on_4bit.merge_and_unload()
+    layer = on_4bit.base_model.model.model.layers[0].self_attn.q_proj  # routed LoRA conversion needs W U too
+    with pytest.raises(ValueError, match=r"stored quantised \(torch.uint8\); convert against the base loaded in full"):
+        layer.lora_basis("default")
 
 
 def test_merge_without_a_fixed_route_is_refused():

@@ -177,7 +177,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         any route's B is a weighted sum and a route's LoRA adapter needs neither the base weights nor this layer.
         """
         k, t = self.tucka_state[adapter_name].k, self.tucka_state[adapter_name].t
-        weight = self.get_base_layer().weight
+        weight = self.full_precision_weight("convert against")
         with torch.no_grad():
             u = self.normalised_subspace(adapter_name, torch.float32)
             experts = ActiveRoute(
@@ -187,6 +187,17 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             r = u.shape[1]
             mixing = self.mixing_matrix(adapter_name, experts, torch.float32).view(k, t, r, r)
             return u.t().contiguous(), weight.float() @ u.to(weight.device), mixing
+
+    def full_precision_weight(self, action: str) -> torch.Tensor:
+        """The base layer's weight, which merging and LoRA conversion multiply by; a weight stored quantised (a
+        bitsandbytes 4-bit layer packs it into uint8) is a ValueError saying to ``action`` the full-precision base."""
+        weight = self.get_base_layer().weight
+        if not weight.dtype.is_floating_point:
+            raise ValueError(
+                f"TuckA: the base weight of this {type(self.get_base_layer()).__name__} is stored quantised "
+                f"({weight.dtype}); {action} the base loaded in full precision (launch/export.py does)."
+            )
+        return weight
 
     def normalised_subspace(self, adapter_name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """U / ||U||_F in ``dtype`` (default: the adapter's)."""
@@ -250,12 +261,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             return
         if self.merged:
             raise ValueError("TuckA: adapters already merged into this layer; merge all adapters in one call.")
-        weight = self.get_base_layer().weight
-        if not weight.dtype.is_floating_point:
-            raise ValueError(
-                f"TuckA: the base weight of this {type(self.get_base_layer()).__name__} is stored quantised "
-                f"({weight.dtype}); merge into the base loaded in full precision (launch/export.py does)."
-            )
+        weight = self.full_precision_weight("merge into")
         with torch.no_grad():
             original = weight.float()
             merged = original.clone()
