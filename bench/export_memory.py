@@ -28,9 +28,9 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import tucka_llm
-from tucka_llm.calibration import ROUTER_CALIBRATION, save_router_calibration
 from tucka_llm.data import llama2_tokenizer
 from tucka_llm.models import llama2_7b_config, small_llama_config
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, save_router_calibration
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_BYTES = 2 * 1024**3

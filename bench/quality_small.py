@@ -45,7 +45,7 @@ from tucka_llm.export.route import DEFAULT_ROUTE, ExportError, RouteSpec, choose
 from tucka_llm.report import read_metrics, series, trainable_parameters
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.stages import StageFailed, run_stages
-from tucka_llm.tucka.routing import ROUTERS
+from tucka_llm.tucka.router import ROUTERS
 
 FOLDS = ("expected", "majority", "centroid")
 FIRST_SEED = 42  # the launcher's default --seed; seed i of the bench is 42 + i

@@ -24,7 +24,6 @@ routed the same way with their trained centroids. The issue's target for the def
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import math
@@ -37,12 +36,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import asset_path, gsm8k_to_metamathqa, load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.loss import math_to_metamathqa
 from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.tucka.dai import calibration_features, routing_layers
-from tucka_llm.tucka.routing import ROUTERS, ActiveRoute, ExpertLoad
+from tucka_llm.tucka.calibration import calibration_batches
+from tucka_llm.tucka.dai import calibration_features, routers
+from tucka_llm.tucka.router import ROUTERS
+from tucka_llm.tucka.routing import ActiveRoute, ExpertLoad
 
 MAX_LEN = 384
 MICRO_BATCH = 8
@@ -78,14 +78,12 @@ def features_of(model: torch.nn.Module, records: list[dict], tokenizer: PreTrain
 
 def loads(model: torch.nn.Module, features: torch.Tensor) -> tuple[ExpertLoad, ExpertLoad]:
     """The adapter's routes for ``features``: one per sequence, and one per micro-batch of 8 (their mean feature)."""
-    (layer,) = routing_layers(model).values()
-    router = layer.tucka_state["default"].router
-    centroids, center = (None if t is None else t.detach() for t in layer.router_tensors("default"))
+    (router,) = routers(model).values()
     batched = features[: len(features) // MICRO_BATCH * MICRO_BATCH].view(-1, MICRO_BATCH, features.shape[-1])
     result = []
     for rows in (features.unsqueeze(1), batched):
         # one forward per route: the redraw router draws anew for each (draw keys (0, i)), the others ignore it
-        routes = [router.route_features(f.mean(0, keepdim=True), centroids, center, (0, i)) for i, f in enumerate(rows)]
+        routes = [router.route_features(f.mean(0, keepdim=True), (0, i)) for i, f in enumerate(rows)]
         route = ActiveRoute(torch.cat([r.group for r in routes]), torch.cat([r.gates for r in routes]))
         counts = torch.bincount(route.group, minlength=router.k).float()
         gates = torch.zeros(router.k, router.t).index_add_(0, route.group, route.gates.float())
@@ -130,10 +128,9 @@ def main() -> None:
         model = peft.get_peft_model(base, config)
         if not features:
             features = {pool: features_of(model, rows, tokenizer) for pool, rows in held_out_pools().items()}
-        (layer,) = routing_layers(model).values()
-        state = layer.tucka_state["default"]
+        (router_module,) = routers(model).values()
         for seed in range(FIRST_SEED, FIRST_SEED + args.seeds):
-            state.router = dataclasses.replace(state.router, seed=seed)  # the redraw router's draws, as training sets
+            router_module.seed = seed  # the redraw router's draws, as training sets them
             for data in ("gsm8k", "mix"):
                 tucka_llm.data_aware_init(model, calibration(data, seed), seed)
                 for column, pool, _ in [c for c in COLUMNS if c[2] == data]:
@@ -160,7 +157,7 @@ def main() -> None:
     heads = [f"{column} {mode}" for column, _, _ in COLUMNS for mode in ("seq", "batch")]
     print("| router | point | seeds | " + " | ".join(heads) + " | largest share |")
     print("|---|---|---:|" + "---:|" * (len(heads) + 1))
-    keys = sorted({(r["router"], r["point"]) for r in records}, key=lambda x: (ROUTERS.index(x[0]), x[1]))
+    keys = sorted({(r["router"], r["point"]) for r in records}, key=lambda x: (list(ROUTERS).index(x[0]), x[1]))
     for router, point in keys:
         rows = [r for r in records if (r["router"], r["point"]) == (router, point)]
         cells = [

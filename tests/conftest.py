@@ -10,10 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tucka_llm
-from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
 from tucka_llm.models import tiny_llama_config
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.tucka.dai import calibration_features, initialise_router
 
 PROMPTS = [

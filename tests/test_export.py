@@ -17,13 +17,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tucka_llm
-from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
 from tucka_llm.models import tiny_llama_config
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import ModelError, load_base_model
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import routing_states
 
@@ -198,9 +198,8 @@ def test_centroid_route_is_refused_for_the_centred_router_and_folds_the_centroid
     model = adapter_model(tiny_model, dai)
     centroid = load_file(dai / ROUTER_CALIBRATION)["default.centroid"]
     (layer,) = routing_layers(model).values()
-    active = layer.tucka_state["default"].router.route_features(
-        centroid.unsqueeze(0), layer.tucka_centroids["default"].detach(), None
-    )
+    with torch.no_grad():
+        active = layer.router("default").route_features(centroid.unsqueeze(0))
     assert result.route.route.group == int(active.group[0])
     assert list(result.route.route.gates) == pytest.approx(active.gates[0].tolist(), abs=1e-7)
     assert result.route.chosen_by == "the router's choice for the calibration centroid"

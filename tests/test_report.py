@@ -67,7 +67,7 @@ def dirs(tmp_path: Path) -> dict[str, Path]:
     """A finished TuckA run evaluated on GSM8K through its merged checkpoint, an unfinished LoRA run evaluated as an
     adapter on MATH-500, and the base model evaluated before training."""
     tucka_adapter = {"a": torch.zeros(4, 64), "core": torch.zeros(3, 2, 2), "b": torch.zeros(64, 4)}
-    tucka_adapter["q_proj.tucka_center"] = torch.zeros(64)  # e_bar: saved with the adapter, never trained
+    tucka_adapter["q_proj.tucka_router.center"] = torch.zeros(64)  # e_bar: saved with the adapter, never trained
     tucka = make_run(tmp_path / "tucka-r4", {"method": "tucka", "r": 4, "k": 3}, metrics(True), tucka_adapter)
     lora = make_run(tmp_path / "lora-r8", {"method": "lora", "lora_r": 8}, metrics(False), None)
     base, merged = tmp_path / "SmolLM2-135M-Instruct", tmp_path / "m_tucka"

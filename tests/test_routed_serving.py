@@ -25,7 +25,8 @@ from tucka_llm.export.cli import main as export_main
 from tucka_llm.serving import RoutedLoRA, route_name
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import last_routes, routing
-from tucka_llm.tucka.routing import ActiveRoute, Route, Router, gate_range
+from tucka_llm.tucka.router import gate_range, make_router
+from tucka_llm.tucka.routing import ActiveRoute, Route
 
 LEVELS = 5
 
@@ -89,7 +90,7 @@ def test_quantised_gates_take_the_levels_of_the_reachable_range_and_sum_to_one()
     gates = torch.sigmoid(unit) / torch.sigmoid(unit).sum(dim=-1, keepdim=True)
     assert low <= float(gates.min()) + 1e-9 and float(gates.max()) <= high + 1e-9
     assert float(gates.min()) - low < 1e-4 and high - float(gates.max()) < 1e-4  # the range is reached
-    router = Router("centred", k=3, t=2, perturb_scale=1.0)
+    router = make_router("centred", k=3, t=2, d=8, perturb_scale=1.0)
     route = ActiveRoute(torch.zeros(len(gates), dtype=torch.long), gates.float())
     for levels in (1, 2, LEVELS):
         served = router.quantise(route, levels).gates.double()

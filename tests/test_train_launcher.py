@@ -23,14 +23,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tucka_llm
-from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_lora, export_merged
 from tucka_llm.locking import exclusive_directory
 from tucka_llm.stages import free_port
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
-from tucka_llm.training.trainer import tensor_digest
+from tucka_llm.tucka.calibration import calibration_batches, tensor_digest
 from tucka_llm.tucka.dai import data_aware_init
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +253,7 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     # adapter, exactly, though the run computes in bf16.
     e_bar = calibration["default.centroid"]
     assert rank_digests(log, r"adapter 'default' e_bar digest") == {0: tensor_digest(e_bar), 1: tensor_digest(e_bar)}
-    (saved,) = [v for k, v in load_file(output / "adapter_model.safetensors").items() if "tucka_center" in k]
+    (saved,) = [v for k, v in load_file(output / "adapter_model.safetensors").items() if "tucka_router.center" in k]
     assert saved.dtype == torch.float32 and torch.equal(saved, e_bar) and bf16_differs_from(e_bar)
     assert calibration["default.features"].shape == (6, 64)
 
@@ -317,7 +316,7 @@ def test_stop_and_resume_gives_the_weights_of_an_uninterrupted_run(tiny_model, t
     loads = [[m[f"expert_load/group{i}"] for i in range(3)] for m in metrics(straight)]
     assert [[m[f"expert_load/group{i}"] for i in range(3)] for m in metrics(interrupted)] == loads
     assert len({tuple(load) for load in loads}) > 1, "every step took the same group: the routes were not exercised"
-    assert any("tucka_center" in k for k in a) == (router == "centred")
+    assert any("tucka_router.center" in k for k in a) == (router == "centred")
 
 
 @pytest.mark.parametrize(

@@ -73,7 +73,7 @@ def test_adapter_output_equals_dense_mode_product_construction(seed):
 
 def test_batch_route_follows_eqs_6_to_8_on_real_tokens_only(batch):
     model = tucka_llama(seed=1)
-    router = next(m for m in model.modules() if isinstance(m, tucka_llm.TuckALayer) and m.tucka_centroids)
+    router = next(m for m in model.modules() if isinstance(m, tucka_llm.TuckALayer) and m.tucka_router)
     randomise_adapter(model, 3)
     with tucka_llm.routing(model, "batch"), torch.no_grad():
         model(**batch)
@@ -84,7 +84,7 @@ def test_batch_route_follows_eqs_6_to_8_on_real_tokens_only(batch):
     mask = batch["attention_mask"]
     per_sequence = torch.stack([x[b, mask[b].bool()].mean(dim=0) for b in range(x.shape[0])])
     h = per_sequence.mean(dim=0)
-    E = router.tucka_centroids["default"]
+    E = router.router("default").centroids
     logits = (E @ h).view(3, 2)
     scores = torch.sigmoid(logits / logits.norm(dim=1, keepdim=True)).flatten()
     winner = int(scores.argmax())

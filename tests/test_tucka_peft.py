@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 import tucka_llm
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.quantization import quantization_config
-from tucka_llm.training.adapters import router_centroids
+from tucka_llm.tucka.dai import routers
 from tucka_llm.tucka.model import routing_states
 
 
@@ -102,7 +102,7 @@ def test_tucka_wraps_a_4bit_linear_as_it_wraps_a_linear_and_refuses_to_merge_int
     on_4bit, on_plain = models
     assert isinstance(on_4bit.base_model.model.model.layers[0].self_attn.q_proj, tucka_llm.TuckALayer)
     assert isinstance(on_4bit.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
-    torch.testing.assert_close(router_centroids(on_4bit)["default"], router_centroids(on_plain)["default"])
+    torch.testing.assert_close(routers(on_4bit)["default"].centroids, routers(on_plain)["default"].centroids)
     with torch.no_grad():
         torch.testing.assert_close(on_4bit(**batch).logits, on_plain(**batch).logits, rtol=1e-5, atol=1e-5)
     groups = []
@@ -208,5 +208,5 @@ def test_centred_adapter_saves_e_bar_in_float32_and_alpha_auto_as_the_number_it_
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (saved["alpha"], saved["router"], saved["normalize_gates"]) == (64.0, "centred", True)
     loaded = peft.PeftModel.from_pretrained(tiny_llama(seed=6).to(torch.bfloat16), tmp_path)
-    (center,) = [b for n, b in loaded.named_buffers() if "tucka_center" in n]
+    (center,) = [b for n, b in loaded.named_buffers() if "tucka_router.default.center" in n]
     assert center.dtype == torch.float32 and torch.equal(center, e)

@@ -11,7 +11,7 @@ from conftest import PROMPTS, tucka_llama
 
 import tucka_llm
 from tucka_llm.tucka.model import routing_states
-from tucka_llm.tucka.routing import Router
+from tucka_llm.tucka.router import make_router
 
 
 def current_route(model):
@@ -146,11 +146,11 @@ def test_centred_router_spreads_inputs_with_a_large_shared_component_over_the_gr
     e = calibration.mean(dim=0)
     entropy = {}
     for kind in ("centred", "dai"):
-        router = Router(kind, k=4, t=2, perturb_scale=0.5)
-        entropy[kind] = [
-            entropy_over_routes(router.route_features(held_out, router.initial_centroids(e, seed), e).group, 4)
-            for seed in range(6)
-        ]
+        router = make_router(kind, k=4, t=2, d=h.shape[-1], perturb_scale=0.5)
+        entropy[kind] = []
+        for seed in range(6):
+            router.calibrate(e, seed)
+            entropy[kind].append(entropy_over_routes(router.route_features(held_out).group, 4))
     assert min(entropy["centred"]) >= 0.9 * math.log(4), entropy
     assert statistics.mean(entropy["dai"]) <= 0.6 * math.log(4), entropy  # the collapse the centred router removes
     assert min(entropy["dai"]) <= 0.1 * math.log(4), entropy  # some seeds send everything to one group
@@ -159,11 +159,11 @@ def test_centred_router_spreads_inputs_with_a_large_shared_component_over_the_gr
 def test_centred_routes_depend_only_on_the_direction_of_h_minus_e_bar():
     h = shared_component_features(n=64)
     e = h.mean(dim=0)
-    router = Router("centred", k=4, t=2, perturb_scale=0.5)
-    centroids = router.initial_centroids(e, seed=1)
-    route = router.route_features(h, centroids, e)
+    router = make_router("centred", k=4, t=2, d=h.shape[-1], perturb_scale=0.5)
+    router.calibrate(e, seed=1)
+    route = router.route_features(h)
     for scale in (0.05, 0.5, 40.0):
-        scaled = router.route_features(e + scale * (h - e), centroids, e)
+        scaled = router.route_features(e + scale * (h - e))
         assert torch.equal(scaled.group, route.group)
         torch.testing.assert_close(scaled.gates, route.gates, rtol=1e-4, atol=1e-5)
 
@@ -171,10 +171,11 @@ def test_centred_routes_depend_only_on_the_direction_of_h_minus_e_bar():
 def test_gates_sum_to_one_unless_normalisation_is_off_as_in_the_authors_code():
     h = shared_component_features(n=32)
     e = h.mean(dim=0)
-    normalised = Router("centred", 4, 2, 0.5)
-    raw = Router("centred", 4, 2, 0.5, normalize_gates=False)
-    centroids = normalised.initial_centroids(e, seed=2)
-    a, b = normalised.route_features(h, centroids, e), raw.route_features(h, centroids, e)
+    normalised = make_router("centred", k=4, t=2, d=h.shape[-1], perturb_scale=0.5)
+    raw = make_router("centred", k=4, t=2, d=h.shape[-1], perturb_scale=0.5, normalize_gates=False)
+    normalised.calibrate(e, seed=2)
+    raw.calibrate(e, seed=2)
+    a, b = normalised.route_features(h), raw.route_features(h)
     assert torch.equal(a.group, b.group)
     torch.testing.assert_close(a.gates.sum(-1), torch.ones(32))
     assert ((b.gates > 0) & (b.gates < 1)).all() and not torch.allclose(b.gates.sum(-1), torch.ones(32))
@@ -183,14 +184,14 @@ def test_gates_sum_to_one_unless_normalisation_is_off_as_in_the_authors_code():
 
 def test_redraw_router_draws_by_key_the_same_key_gives_the_same_route():
     h = shared_component_features(n=64)
-    router = Router("redraw", k=4, t=2, perturb_scale=20.0, seed=5)
-    first = router.route_features(h, None, None, (3, 1))
-    again = router.route_features(h, None, None, (3, 1))
+    router = make_router("redraw", k=4, t=2, d=h.shape[-1], perturb_scale=20.0, seed=5)
+    first = router.route_features(h, (3, 1))
+    again = router.route_features(h, (3, 1))
     assert torch.equal(first.group, again.group) and torch.equal(first.gates, again.gates)
-    groups = torch.stack([router.route_features(h[:1], None, None, (step, 1)).group[0] for step in range(64)])
+    groups = torch.stack([router.route_features(h[:1], (step, 1)).group[0] for step in range(64)])
     assert entropy_over_routes(groups, 4) >= 0.8 * math.log(4)  # a fresh random draw at every step
-    other_seed = Router("redraw", k=4, t=2, perturb_scale=20.0, seed=6)
-    assert not torch.equal(other_seed.route_features(h, None, None, (3, 1)).gates, first.gates)
+    other_seed = make_router("redraw", k=4, t=2, d=h.shape[-1], perturb_scale=20.0, seed=6)
+    assert not torch.equal(other_seed.route_features(h, (3, 1)).gates, first.gates)
 
 
 def test_redraw_router_in_a_model_draws_per_forward_and_repeats_the_draw_of_a_step(batch):

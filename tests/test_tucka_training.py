@@ -25,6 +25,7 @@ def loss_and_grads(model, batch):
 
 def test_every_trainable_parameter_gets_a_gradient_every_step(batch):
     model = tucka_llama(seed=4).train()
+    tucka_llm.data_aware_init(model, calibration_batches(batch), seed=7)
     _, grads = loss_and_grads(model, batch)
     assert set(grads) == set(trainable(model))
     group = int(routing_states(model)["default"].route.group[0])
@@ -33,7 +34,7 @@ def test_every_trainable_parameter_gets_a_gradient_every_step(batch):
         if "tucka_core" in name:  # only the active group's core moves; the others get zeros, not None
             others = torch.cat([grad[:group], grad[group + 1 :]])
             assert grad[group].abs().sum() > 0 and others.abs().sum() == 0, name
-        elif "tucka_centroids" in name:  # E learns through the gates of the active group only
+        elif "tucka_router" in name:  # E learns through the gates of the active group only
             rows = grad.view(3, 2, -1)
             assert rows[group].abs().sum() > 0, name
             assert torch.cat([rows[:group], rows[group + 1 :]]).abs().sum() == 0, name
@@ -68,7 +69,7 @@ def calibration_batches(batch):
 
 
 def centroids(model) -> torch.Tensor:
-    return next(p for n, p in model.named_parameters() if "tucka_centroids" in n).detach().clone()
+    return next(p for n, p in model.named_parameters() if "tucka_router" in n).detach().clone()
 
 
 @pytest.mark.parametrize("router", ["centred", "dai"])
@@ -93,13 +94,13 @@ def test_dai_sets_centroids_to_the_masked_feature_centroid_plus_bounded_noise(ba
     else:  # centred: every row perturbed (an unperturbed row would score 0 for every input), and e_bar = e
         assert (E - e).abs().amax(dim=1).min() > 0.2
         (layer,) = routing_layers(model).values()
-        assert torch.equal(layer.tucka_center["default"], e)
+        assert torch.equal(layer.router("default").center, e)
     assert model.training is False  # calibration left the mode as it found it
 
 
 def test_redraw_router_has_no_centroids_and_no_trainable_router_parameter(batch):
     model = tucka_llama(seed=5, router="redraw").train()
-    assert not [n for n, _ in model.named_parameters() if "tucka_centroids" in n]
+    assert not [n for n, _ in model.named_parameters() if "tucka_router" in n]
     tucka_llm.data_aware_init(model, calibration_batches(batch), seed=7)
     _, grads = loss_and_grads(model, batch)
     assert set(grads) == set(trainable(model)) and all(g.abs().sum() > 0 for g in grads.values())

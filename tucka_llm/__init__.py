@@ -1,7 +1,8 @@
 """tucka-llm: TuckA, LoRA and DoRA fine-tuning of LLMs with peft and DeepSpeed, merged export, vLLM evaluation.
 
 ``import tucka_llm`` registers TuckA with the installed peft, so ``peft.get_peft_model(model, TuckAConfig())``,
-``save_pretrained`` and ``peft.PeftModel.from_pretrained`` work for TuckA adapters.
+``save_pretrained`` and ``peft.PeftModel.from_pretrained`` work for TuckA adapters; ``TuckACalibration`` is the
+callback that calibrates its router inside any ``transformers.Trainer`` (TRL's too).
 """
 
 from importlib import metadata
@@ -10,9 +11,11 @@ from tucka_llm.tucka import (
     ExpertLoad,
     Route,
     RouteMixture,
+    TuckACalibration,
     TuckAConfig,
     TuckALayer,
     TuckAModel,
+    UncalibratedRouterError,
     data_aware_init,
     expert_load,
     routing,
@@ -36,9 +39,11 @@ __all__ = [
     "ExpertLoad",
     "Route",
     "RouteMixture",
+    "TuckACalibration",
     "TuckAConfig",
     "TuckALayer",
     "TuckAModel",
+    "UncalibratedRouterError",
     "__version__",
     "data_aware_init",
     "expert_load",

@@ -48,6 +48,10 @@ def load_checked_adapter(model: PreTrainedModel, adapter: Path, base_flag: str) 
                 "trained on."
             ) from error
         raise AdapterLoadError(f"--adapter {adapter}: could not load it onto {base} ({text[-300:]}).") from error
+    # A method may load an older layout of its weights (TuckA's router keys); compare in the current one.
+    tuner = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[loaded.peft_config[loaded.active_adapter].peft_type]
+    upgrade = getattr(tuner, "upgrade_state_dict", None)
+    saved = upgrade(saved) if upgrade is not None else saved
     expected = set(peft.get_peft_model_state_dict(loaded))
     missing, unexpected = expected - set(saved), set(saved) - expected
     if missing or unexpected:

@@ -130,7 +130,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-FROZEN_ADAPTER_TENSORS = ("tucka_center",)  # saved with a TuckA adapter but never trained (e_bar, a buffer)
+# Saved with a TuckA adapter but never trained: its router's buffers (e_bar, the calibration flag; tucka_center is
+# e_bar's name in adapters of tucka-llm 0.2).
+FROZEN_ADAPTER_TENSORS = ("tucka_router.center", "tucka_router.calibrated", "tucka_center")
 
 
 def trainable_parameters(run_dir: Path) -> int | None:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,7 @@ def make_manifest(
 ) -> dict[str, Any]:
     """What the directory holds, how it was made, and what serving it needs (``manifest.json``)."""
     ((_, layer),) = routing_layers(model).items()
-    (adapter_name,) = layer.tucka_routes
+    (adapter_name,) = layer.tucka_router
     low, high = router.router.gate_range()
     return {
         "format": FORMAT,
@@ -207,7 +207,7 @@ def make_manifest(
             "directory": ROUTER_DIR,
             "module": layer.tucka_state[adapter_name].router_module,
             "inputs": router.input_names,
-            **asdict(router.router),
+            **router.router.settings(),
         },
         "routes": [
             {"name": route_name(r), "group": r.group, "gates": list(r.gates), "calibration_sequences": n}

@@ -28,11 +28,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 import tucka_llm
 from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, load_checked_adapter, saved_adapter_config
 from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
-from tucka_llm.calibration import calibration_batches
 from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
 from tucka_llm.locking import LOCK_FILE, exclusive
 from tucka_llm.quantization import describe_quantization, read_quantization_record
+from tucka_llm.tucka.calibration import calibration_batches
 from tucka_llm.tucka.dai import calibration_features
 from tucka_llm.tucka.model import routing
 

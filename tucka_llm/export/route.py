@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tucka_llm.calibration import ROUTER_CALIBRATION, load_router_calibration
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, load_router_calibration
 from tucka_llm.tucka.dai import routing_layers
-from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture, Router
+from tucka_llm.tucka.router import TuckARouter
+from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture
 
 ROUTE_SYNTAX = "expected, majority, centroid, group:I or group:I:g1,g2,... (I counts groups from 0)"
 DEFAULT_ROUTE = "expected"
@@ -84,7 +85,9 @@ class CalibrationRoutes:
     source: dict[str, Any]
 
     @classmethod
-    def of(cls, router: Router, routes: ActiveRoute, scores: torch.Tensor, source: dict[str, Any]) -> CalibrationRoutes:
+    def of(
+        cls, router: TuckARouter, routes: ActiveRoute, scores: torch.Tensor, source: dict[str, Any]
+    ) -> CalibrationRoutes:
         k, n = router.k, int(routes.group.numel())
         counts = torch.bincount(routes.group, minlength=k).double()
         sums = torch.zeros(k, router.t, dtype=torch.float64).index_add_(0, routes.group, routes.gates.double())
@@ -155,14 +158,12 @@ def recorded_features(adapter_dir: Path, adapter_name: str) -> tuple[torch.Tenso
     return None
 
 
-def calibration_routes(
-    router: Router, centroids: torch.Tensor | None, center: torch.Tensor | None, features: torch.Tensor, source: dict
-) -> CalibrationRoutes:
+def calibration_routes(router: TuckARouter, features: torch.Tensor, source: dict) -> CalibrationRoutes:
     """The routes of ``features`` under the router, per sequence (the redraw router: over REDRAW_DRAWS draws)."""
-    draws = [(0, i) for i in range(REDRAW_DRAWS)] if router.kind == "redraw" else [(0, 0)]
+    draws = [(0, i) for i in range(REDRAW_DRAWS)] if router.draws_routes else [(0, 0)]
     groups, gates, scores = [], [], []
     for draw in draws:
-        score = router.scores(router.logits(features, centroids, center, draw))
+        score = router.scores(router.logits(features, draw))
         route = router.route(score)
         groups.append(route.group)
         gates.append(route.gates)
@@ -215,10 +216,10 @@ def choose_route(
         raise ExportError(f"--route: group {spec.group} is out of range; this adapter has k={k} groups: 0..{k - 1}.")
     if spec.kind == "explicit" and len(spec.gates) != t:
         raise ExportError(f"--route: {len(spec.gates)} gates given, but each group has t={t} experts: give {t}.")
-    if spec.kind == "centroid" and router.kind == "centred":
+    if spec.kind == "centroid" and router.degenerate_at_centre:
         raise ExportError(
-            "--route centroid: under the centred router the calibration centroid's route is degenerate (h - e_bar "
-            "= 0 scores every expert 0.5); use --route expected (default) or majority."
+            f"--route centroid: under the {router.kind} router the calibration centroid's route is degenerate (h - "
+            "e_bar = 0 scores every expert 0.5); use --route expected (default) or majority."
         )
 
     needs_sequences = spec.kind in ("expected", "majority", "group")
@@ -226,11 +227,11 @@ def choose_route(
     calibration, centroid = None, None
     if found is not None:
         features, source = found
-        centroids, center = (None if t is None else t.detach().float().cpu() for t in layer.router_tensors(name))
+        frozen = router.frozen_copy()
         if features.shape[0] > 1:  # a record from before features were kept holds the centroid alone
-            calibration = calibration_routes(router, centroids, center, features.float(), source)
+            calibration = calibration_routes(frozen, features.float(), source)
         if spec.kind == "centroid":
-            active = router.route_features(features.float().mean(dim=0, keepdim=True), centroids, center)
+            active = frozen.route_features(features.float().mean(dim=0, keepdim=True))
             centroid = Route(int(active.group[0]), active.gates[0].tolist())
 
     def chosen(route: Route | RouteMixture, how: str, share: float | None) -> ChosenRoute:

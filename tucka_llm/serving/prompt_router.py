@@ -4,8 +4,8 @@ In sequence mode the adapter routes a sequence on the mean, over its real tokens
 the routing layer is an attention projection of the first decoder layer (q_proj by default), that input is the first
 layer's input norm applied to the token embeddings: two cheap modules, no attention. ``PromptRouter`` holds those two
 modules (the base model's own classes, built from its config, with the base's weights) and the adapter's router
-(``Router``, its centroids E and e_bar), and computes routes with the same functions the adapter's routing layer
-calls (``Router.features``, ``Router.route_features``, ``Router.quantise``). A serving engine that runs the base
+(``TuckARouter``, with its centroids E and e_bar), and computes routes with the same functions the adapter's routing
+layer calls (``TuckARouter.features``, ``.route_features``, ``.quantise``). A serving engine that runs the base
 model with LoRA adapters (vLLM) then gets each prompt's route before the prompt is sent.
 """
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,10 +22,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from tucka_llm.tucka.dai import routing_layers
-from tucka_llm.tucka.routing import Route, Router
+from tucka_llm.tucka.router import TuckARouter, make_router
+from tucka_llm.tucka.routing import Route
 
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_SETTINGS = "router.json"
+SERVED_ROUTER_TENSORS = ("centroids", "center")  # what routes a prompt (the calibration flag is not needed)
 BASE_CONFIG = "config.json"  # the base model's config: the input modules are built from it
 NORM_NAME = "input_layernorm"
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
@@ -44,14 +45,12 @@ class PromptRouter:
         self,
         embedding: nn.Module,
         norm: nn.Module,
-        router: Router,
-        centroids: torch.Tensor | None,
-        center: torch.Tensor | None,
+        router: TuckARouter,
         input_names: dict[str, str],
         gate_levels: int | None = None,
     ) -> None:
         self.embedding, self.norm = embedding, norm
-        self.router, self.centroids, self.center = router, centroids, center
+        self.router = router
         self.input_names = input_names  # {"embedding": name, "norm": name}: where the modules are in the base
         self.gate_levels = gate_levels
 
@@ -65,28 +64,26 @@ class PromptRouter:
             raise PromptRouterError(f"The model holds {len(layers)} TuckA adapters ({names}); expected one.")
         ((name, layer),) = layers.items()
         state = layer.tucka_state[name]
-        if not state.router.has_centroids:
+        if not state.router.trains_centroids:
             raise PromptRouterError(
                 f"The adapter's router is '{state.router.kind}': its routes are random draws made anew at every "
                 "forward, not a function of the prompt, so no router outside the model can give them."
             )
         base = model.get_base_model()
         embedding_name, norm_name = input_module_names(base, state.router_module)
-        centroids, center = (None if t is None else t.detach() for t in layer.router_tensors(name))
         names = {"embedding": embedding_name, "norm": norm_name}
         modules = (base.get_submodule(embedding_name), base.get_submodule(norm_name))
-        return cls(*modules, state.router, centroids, center, names, gate_levels)
+        return cls(*modules, layer.router(name), names, gate_levels)
 
     @torch.no_grad()
     def features(self, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """(n, d): each sequence's routing feature, the mean of norm(embedding) over its tokens, computed as the
-        routing layer computes it (``Router.features`` with an all-ones mask: every token is real)."""
-        dtype = self.centroids.dtype if self.centroids is not None else torch.float32
+        routing layer computes it (``TuckARouter.features`` with an all-ones mask: every token is real)."""
         rows = []
         for ids in token_ids:
             ids = torch.tensor([list(ids)], device=self.embedding.weight.device)
             x = self.norm(self.embedding(ids))
-            rows.append(self.router.features(x, torch.ones_like(ids), dtype))
+            rows.append(self.router.features(x, torch.ones_like(ids)))
         return torch.cat(rows)
 
     def routes(self, token_ids: Sequence[Sequence[int]]) -> list[Route]:
@@ -96,7 +93,7 @@ class PromptRouter:
     @torch.no_grad()
     def routes_of_features(self, features: torch.Tensor) -> list[Route]:
         """The routes of routing features (n, d), e.g. those training recorded for its calibration sample."""
-        active = self.router.route_features(features.to(self.embedding.weight.device), self.centroids, self.center)
+        active = self.router.route_features(features.to(self.embedding.weight.device))
         if self.gate_levels is not None:
             active = self.router.quantise(active, self.gate_levels)
         return [Route(g, gates) for g, gates in zip(active.group.tolist(), active.gates.tolist(), strict=True)]
@@ -108,13 +105,10 @@ class PromptRouter:
         (a directory the caller renames into place as a whole)."""
         tensors = {f"embedding.{k}": v for k, v in self.embedding.state_dict().items()}
         tensors |= {f"norm.{k}": v for k, v in self.norm.state_dict().items()}
-        if self.centroids is not None:
-            tensors["centroids"] = self.centroids
-        if self.center is not None:
-            tensors["center"] = self.center
+        tensors |= {k: v for k, v in self.router.state_dict().items() if k in SERVED_ROUTER_TENSORS}
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(directory / ROUTER_WEIGHTS))
-        settings = {"router": asdict(self.router), "inputs": self.input_names}
+        settings = {"router": self.router.settings(), "inputs": self.input_names}
         (directory / ROUTER_SETTINGS).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         base_config.to_json_file(str(directory / BASE_CONFIG))
 
@@ -137,8 +131,11 @@ class PromptRouter:
             weights = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
             module.load_state_dict(weights, assign=True)  # assign: the saved dtype, not the skeleton's
             modules.append((module.to(dtype) if dtype is not None else module).eval())
-        router = Router(**settings["router"])
-        return cls(*modules, router, tensors.get("centroids"), tensors.get("center"), settings["inputs"], gate_levels)
+        # router.json from tucka-llm 0.2 holds no width "d": it is the norm's
+        router = make_router(**{"d": modules[1].weight.shape[-1], **settings["router"]})
+        served = {k: v for k, v in tensors.items() if k in SERVED_ROUTER_TENSORS}
+        router.load_state_dict(served, strict=False, assign=True)  # assign: the saved dtype
+        return cls(*modules, router.requires_grad_(False).eval(), settings["inputs"], gate_levels)
 
 
 def input_module_names(base: nn.Module, router_module: str) -> tuple[str, str]:

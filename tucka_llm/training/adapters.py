@@ -14,7 +14,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 import tucka_llm
 from tucka_llm.quantization import quantization_config
 from tucka_llm.training.options import TrainOptions
-from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import linear_layer_names
 
 logger = logging.getLogger("tucka_llm")
@@ -99,15 +98,3 @@ def add_adapter(model: PreTrainedModel, options: TrainOptions) -> peft.PeftModel
     check_target_modules(model, options.target_module_list)
     torch.manual_seed(options.seed)  # the same adapter init on every rank
     return peft.get_peft_model(model, adapter_config(options))
-
-
-def router_centroids(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The centroid parameter E of every TuckA adapter that has one (not the redraw router), by adapter name."""
-    layers = routing_layers(model).items()
-    return {name: layer.tucka_centroids[name] for name, layer in layers if name in layer.tucka_centroids}
-
-
-def router_centers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The calibration centroid e_bar of every TuckA adapter with the centred router, by adapter name."""
-    layers = routing_layers(model).items()
-    return {name: layer.tucka_center[name] for name, layer in layers if name in layer.tucka_center}

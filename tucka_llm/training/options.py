@@ -12,7 +12,7 @@ from transformers import SchedulerType
 
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
 from tucka_llm.quantization import QUANTIZATIONS
-from tucka_llm.tucka.routing import ROUTERS
+from tucka_llm.tucka.router import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     method.add_argument(
         "--router",
-        choices=ROUTERS,
+        choices=list(ROUTERS),
         default=d.router,
         help="TuckA: centred (logits E (h - e_bar): balanced groups), dai (the paper's design, logits E h: collapses "
         "onto one group on real data), redraw (the authors' published code: E redrawn at every forward, untrained)",

@@ -1,8 +1,9 @@
-"""One training run of ``launch/train.py``: data, model and adapter, DAI, the HF Trainer over DeepSpeed, output.
+"""One training run of ``launch/train.py``: data, model and adapter, the HF Trainer over DeepSpeed, output.
 
-DeepSpeed is the distributed engine (through ``transformers.Trainer``); ranks come from DeepSpeed's launcher. The
-order matters: the router is calibrated (DAI) on the base model, on every rank alike, before the Trainer builds
-the DeepSpeed engine, and the engine's fp32 master of E is then set to the DAI values (``StartFromDAI``).
+DeepSpeed is the distributed engine (through ``transformers.Trainer``); ranks come from DeepSpeed's launcher. An
+adapter that needs calibrating before its first step (TuckA's router) is calibrated by the method's own
+``TuckACalibration`` callback, as in any user's Trainer: on every rank alike, with the engine's fp32 master set to
+the calibrated values.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import peft
 import torch
 import torch.distributed as dist
 import transformers
@@ -31,7 +33,6 @@ from transformers import (
 
 import tucka_llm
 from tucka_llm.atomic import atomic_write_json, atomic_write_text, sync_files
-from tucka_llm.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.locking import LOCK_FILE, exclusive_directory
 from tucka_llm.quantization import (
@@ -42,24 +43,10 @@ from tucka_llm.quantization import (
     quantized_linear_layers,
 )
 from tucka_llm.training import checkpoints
-from tucka_llm.training.adapters import (
-    add_adapter,
-    load_base_model,
-    precision_dtype,
-    router_centers,
-    router_centroids,
-)
+from tucka_llm.training.adapters import add_adapter, load_base_model, precision_dtype
 from tucka_llm.training.options import OPTIMIZERS, REFERENCE_GLOBAL_BATCH, TrainOptions
-from tucka_llm.training.trainer import (
-    KeyRedrawsByStep,
-    LogFinalStep,
-    RecordDeepSpeedConfig,
-    RunTrainer,
-    StartFromDAI,
-    StopAtStep,
-    tensor_digest,
-)
-from tucka_llm.tucka.dai import calibration_features, initialise_router
+from tucka_llm.training.trainer import LogFinalStep, RecordDeepSpeedConfig, RunTrainer, StopAtStep
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, TuckACalibration, tensor_digest
 
 logger = logging.getLogger("tucka_llm")
 
@@ -362,25 +349,12 @@ def _train(
         )
     if rank == 0:
         model.print_trainable_parameters()
-    callbacks: list[TrainerCallback] = [LogFinalStep()]
-    if options.method == "tucka":
-        # DAI runs on every rank, also on --resume: it sets e_bar (a buffer that checkpoints of the engine do not
-        # hold) from the same sample and seed, and the checkpoint then restores the trained E over the DAI values.
-        batches = calibration_batches(tokenized.dataset, options.dai_samples, options.seed, tokenizer)
-        features = calibration_features(model, batches)
-        initialise_router(model, features, seed=options.seed)
-        centroids = router_centroids(model)
-        dai = {name: param.detach().float().cpu().clone() for name, param in centroids.items()}
-        if rank == 0 and resume_from is None:
-            meta = {"samples": str(min(options.dai_samples, len(tokenized.dataset))), "seed": str(options.seed)}
-            save_router_calibration(output / ROUTER_CALIBRATION, features, dai, meta | {"data": options.data})
-        if resume_from is None:
-            callbacks.append(StartFromDAI(dai, centroids, rank))
-        callbacks.append(KeyRedrawsByStep())
-        for name, center in router_centers(model).items():
-            logger.info(
-                "rank %d: adapter %r e_bar digest %s", rank, name, tensor_digest(center), extra={"all_ranks": True}
-            )
+    # The adapter's calibration (a no-op for methods without one), with the record export reads: on a resumed run
+    # it sets again only what checkpoints do not hold, from the same sample and seed.
+    calibration = TuckACalibration(
+        tokenized.dataset, options.dai_samples, options.seed, output / ROUTER_CALIBRATION, {"data": options.data}
+    )
+    callbacks: list[TrainerCallback] = [LogFinalStep(), calibration]
     if _zero_stage(ds_config) == 3:
         keep_adapter_whole(ds_config, model)
     if ds_config is not None:
@@ -474,14 +448,13 @@ def _step_of(line: str) -> float:
 def _check_ranks_agree(trainer: RunTrainer, ds_config: dict | None, rank: int) -> None:
     """Data parallelism keeps one adapter on every rank; check that it did (one digest per rank in the log)."""
     params = [p for _, p in sorted(trainer.model.named_parameters()) if p.requires_grad]
-    centers = list(router_centers(trainer.model).values())  # e_bar: a buffer, never trained, the same everywhere
+    gathered = contextlib.nullcontext()
     if _zero_stage(ds_config) == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            digest = tensor_digest(*params, *centers)
-    else:
-        digest = tensor_digest(*params, *centers)
+        gathered = deepspeed.zero.GatheredParameters(params)
+    with gathered:  # the adapter's saved tensors: trained parameters and buffers (e.g. TuckA's e_bar)
+        digest = tensor_digest(*[v for _, v in sorted(peft.get_peft_model_state_dict(trainer.model).items())])
     logger.info("rank %d: trained adapter digest %s", rank, digest, extra={"all_ranks": True})
     if dist.is_available() and dist.is_initialized():
         digests: list[str | None] = [None] * dist.get_world_size()

@@ -1,9 +1,8 @@
-"""The HF Trainer with what our runs add: metrics.jsonl, throughput, memory and expert load in the logs, checkpoints
-that count only when complete, the DAI centroids put into DeepSpeed's fp32 master weights, and a stop step."""
+"""The HF Trainer with what our runs add: metrics.jsonl, throughput, memory and the adapter's routing metrics in the
+logs, checkpoints that count only when complete, and a stop step."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,8 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from tucka_llm.atomic import atomic_write_json, sync_files
 from tucka_llm.training import checkpoints
-from tucka_llm.tucka.model import routing_states
-from tucka_llm.tucka.routing import ExpertLoad
+from tucka_llm.tucka.model import routing_metrics
 
 logger = logging.getLogger("tucka_llm")
 
@@ -34,8 +32,9 @@ def _peak_memory_gb() -> float:
 class RunTrainer(Trainer):
     """``transformers.Trainer`` for one run of ``launch/train.py``.
 
-    ``log`` adds tokens/s (non-padding tokens, all ranks), peak memory per rank and, for TuckA, the expert-group
-    load and routing entropy summed over ranks, then appends the record to ``metrics.jsonl`` on rank 0.
+    ``log`` adds tokens/s (non-padding tokens, all ranks), peak memory per rank and the adapter's routing metrics
+    (``routing_metrics``: for TuckA the expert-group load and routing entropy, summed over ranks), then appends the
+    record to ``metrics.jsonl`` on rank 0.
     ``_save_checkpoint`` marks a checkpoint complete only after every rank has written its part.
     """
 
@@ -44,14 +43,12 @@ class RunTrainer(Trainer):
         self.metrics_path = metrics_path
         self.keep_checkpoints = save_total_limit
         self._clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
-        self._tucka = bool(_tucka_states(self.model))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step log (not the end-of-run summary)
             logs.update(self._throughput())
             logs.update(self._peak_memory())
-            if self._tucka:
-                logs.update(self._expert_load())
+            logs.update(routing_metrics(self.model, self._sum_over_ranks))
         super().log(logs, start_time)
         if "loss" in logs and self.is_world_process_zero():
             record = {"step": self.state.global_step, "time": time.time(), **logs}
@@ -76,17 +73,8 @@ class RunTrainer(Trainer):
         per_rank = self.accelerator.gather(local).cpu().tolist()
         return {"peak_memory_gb": max(per_rank)} | {f"peak_memory_gb/rank{i}": v for i, v in enumerate(per_rank)}
 
-    def _expert_load(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for name, state in _tucka_states(self.model):
-            counts, gates = state.load_sums(reset=True)
-            flat = torch.cat([counts, gates.flatten()]).to(self.args.device, torch.float64)
-            flat = self.accelerator.reduce(flat, reduction="sum").cpu()
-            load = ExpertLoad.from_sums(flat[: state.k], flat[state.k :].view(state.k, state.t))
-            prefix = "" if name == "default" else f"{name}/"
-            out[f"{prefix}routing_entropy"] = load.entropy
-            out |= {f"{prefix}expert_load/group{i}": f for i, f in enumerate(load.fraction)}
-        return out
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
@@ -135,13 +123,6 @@ def metrics_line(record: dict[str, Any]) -> str:
     return json.dumps(clean, allow_nan=False) + "\n"
 
 
-def _tucka_states(model: nn.Module) -> list[tuple[str, Any]]:
-    try:
-        return list(routing_states(model).items())
-    except ValueError:  # not a TuckA model
-        return []
-
-
 class StopAtStep(TrainerCallback):
     """End this invocation after ``step`` with a checkpoint; the schedule stays the full run's (``--stop-at-step``)."""
 
@@ -152,16 +133,6 @@ class StopAtStep(TrainerCallback):
         if state.global_step >= self.step:
             control.should_save = True
             control.should_training_stop = True
-
-
-class KeyRedrawsByStep(TrainerCallback):
-    """Key the redraw router's random draws by (seed, optimizer step, forward within the step), so that a resumed
-    run draws exactly what the uninterrupted run drew at the same step (the other routers draw nothing)."""
-
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        model = kw.get("model")
-        for _, routing_state in _tucka_states(model) if model is not None else []:
-            routing_state.start_step(state.global_step)
 
 
 class LogFinalStep(TrainerCallback):
@@ -184,50 +155,3 @@ class RecordDeepSpeedConfig(TrainerCallback):
         record = json.loads(self.run_config.read_text(encoding="utf-8"))
         record["deepspeed_config"] = args.hf_deepspeed_config.config
         atomic_write_json(self.run_config, record)
-
-
-class StartFromDAI(TrainerCallback):
-    """Once the engine exists, make its fp32 master copy of each centroid matrix E exactly the DAI values.
-
-    DAI ran before the engine, so the engine's master was cloned from the model's E; under BF16 that clone holds
-    the bf16 rounding of the DAI values. Setting the master from the fp32 DAI values removes that rounding. Each
-    rank then reads the master back and logs its digest, so a run shows that every rank trains from DAI.
-    """
-
-    def __init__(self, dai: dict[str, torch.Tensor], centroids: dict[str, nn.Parameter], rank: int) -> None:
-        self.dai, self.centroids, self.rank = dai, centroids, rank
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
-        for name, param in self.centroids.items():
-            value = self.dai[name].to(param.device, torch.float32)
-            if args.deepspeed:
-                safe_set_full_fp32_param(param, value)
-                master = safe_get_full_fp32_param(param)
-            else:
-                master = None
-            if master is None:  # no DeepSpeed master: the parameter itself is what the optimizer updates
-                with torch.no_grad():
-                    param.copy_(value.to(param.dtype))
-                master = param.detach()
-            master = master.float().cpu()
-            error = (master - self.dai[name].float()).abs().max().item()
-            logger.info(
-                "rank %d: adapter %r trains from the DAI centroids: fp32 master digest %s, max |master - DAI| = %.3g",
-                self.rank,
-                name,
-                tensor_digest(master),
-                error,
-                extra={"all_ranks": True},
-            )
-            if error > 0:
-                raise RuntimeError(f"rank {self.rank}: the engine's master copy of E differs from DAI by {error}.")
-
-
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """sha256 (first 16 hex digits) of the tensors' float32 bytes: equal digests, equal values."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]

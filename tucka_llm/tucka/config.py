@@ -10,7 +10,7 @@ from typing import Any
 from peft.config import PeftConfig
 
 from tucka_llm.tucka.registration import TUCKA_PEFT_TYPE
-from tucka_llm.tucka.routing import ROUTERS
+from tucka_llm.tucka.router import ROUTERS
 
 logger = logging.getLogger("tucka_llm")
 
@@ -47,6 +47,10 @@ class TuckAConfig(PeftConfig):
             ``tucka_llm.tucka.routing``.
         normalize_gates: divide the gates by their sum (paper Eq. 8); False reproduces the authors' code.
         seed: seed of the redraw router's draws (training sets it to the run's --seed).
+        init_weights: True (default): the authors' initialisation (every group starts from the same core) and a
+            router that must be calibrated (``data_aware_init`` or ``TuckACalibration``) before it trains. False:
+            peft's meaning, a random initialisation for tests: every core drawn on its own, the router random and
+            counted as calibrated.
         target_modules: names (or a regex) of the Linear layers to adapt; None uses peft's per-architecture default.
         exclude_modules: names (or a regex) of modules never to adapt.
         router_module: full name of the layer that routes for all others; None picks the first adapted layer and
@@ -64,6 +68,9 @@ class TuckAConfig(PeftConfig):
     router: str = field(default="centred", metadata={"help": f"Router design: {', '.join(ROUTERS)}."})
     normalize_gates: bool = field(default=True, metadata={"help": "Gates divided by their sum (paper Eq. 8)."})
     seed: int = field(default=0, metadata={"help": "Seed of the redraw router's random draws."})
+    init_weights: bool = field(
+        default=True, metadata={"help": "The method's initialisation (True) or a random one, for tests (False)."}
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Linear layers to adapt (names or a regex); None: peft's default."}
     )

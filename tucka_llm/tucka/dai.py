@@ -14,20 +14,29 @@ import torch
 from torch import nn
 
 from tucka_llm.tucka.layer import FeaturesCollected, TuckALayer
+from tucka_llm.tucka.router import TuckARouter
 
 
 def routing_layers(model: nn.Module) -> dict[str, TuckALayer]:
-    """The layer that routes (and holds the centroids E and e_bar), per TuckA adapter name."""
-    return {name: m for m in model.modules() if isinstance(m, TuckALayer) for name in m.tucka_routes}
+    """The layer that routes (and holds the router), per TuckA adapter name."""
+    return {name: m for m in model.modules() if isinstance(m, TuckALayer) for name in m.tucka_router}
+
+
+def routers(model: nn.Module) -> dict[str, TuckARouter]:
+    """The router of every TuckA adapter of ``model``, per adapter name."""
+    return {name: layer.router(name) for name, layer in routing_layers(model).items()}
 
 
 @torch.no_grad()
-def calibration_features(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def calibration_features(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], stop_early: bool = True
+) -> dict[str, torch.Tensor]:
     """``{adapter: h}`` for every active TuckA adapter: the routing feature of every sequence of ``batches``, (n, d)
     float32 on the CPU (the mean of the routing layer's input over its real tokens). Changes no weight.
 
-    Each batch is a mapping with ``input_ids`` and optionally ``attention_mask``; only the model up to the routing
-    layer runs, so the features depend on the base model alone when the routing layer is the first adapted one.
+    Each batch is a mapping with ``input_ids`` and optionally ``attention_mask``; with ``stop_early`` only the model
+    up to the routing layer runs (under ZeRO-3 the whole forward must run), so the features depend on the base model
+    alone when the routing layer is the first adapted one.
     """
     layers = routing_layers(model)
     batches = list(batches)
@@ -42,7 +51,7 @@ def calibration_features(model: nn.Module, batches: Iterable[Mapping[str, torch.
             if name not in layer.active_adapters:
                 continue
             state = layer.tucka_state[name]
-            state.calibration = []
+            state.calibration, state.calibration_stops = [], stop_early
             try:
                 for batch in batches:
                     mask = batch.get("attention_mask")
@@ -54,6 +63,7 @@ def calibration_features(model: nn.Module, batches: Iterable[Mapping[str, torch.
                 features[name] = torch.cat([f.cpu() for f in state.calibration])
             finally:
                 state.calibration = None
+                state.read_load(reset=True)  # calibration forwards are not routes the adapter took
     finally:
         model.train(was_training)
     return features
@@ -66,18 +76,13 @@ def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
 
 @torch.no_grad()
 def initialise_router(model: nn.Module, features: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
-    """DAI from calibration features ``{adapter: (n, d)}``: e = their mean; E from e as the adapter's router wants
-    it (``Router.initial_centroids``) and, for the centred router, e_bar = e. Returns ``{adapter: e}``."""
-    layers = routing_layers(model)
+    """DAI from calibration features ``{adapter: (n, d)}``: e = their mean, from which each adapter's router sets
+    its centroids as its design wants (``TuckARouter.calibrate``). Returns ``{adapter: e}``."""
+    by_name = routers(model)
     centroids = {}
     for name, h in features.items():
-        layer, e = layers[name], h.float().mean(dim=0)
-        initial = layer.tucka_state[name].router.initial_centroids(e, seed)
-        if initial is not None:
-            target = layer.tucka_centroids[name]
-            target.copy_(initial.to(target.device, target.dtype))
-        if name in layer.tucka_center:
-            layer.tucka_center[name].copy_(e.to(layer.tucka_center[name].device))
+        e = h.float().mean(dim=0)
+        by_name[name].calibrate(e, seed)
         centroids[name] = e
     return centroids
 

@@ -1,13 +1,14 @@
 """TuckALayer: the TuckA adapter of one Linear layer (method note, section 1).
 
 Per adapter, trainable: cores G (k, p, r, r), expert factor C (t, p), subspace factor U (d, r); the routing layer
-also holds the centroids E (k*t, d) (not for the redraw router) and, for the centred router, the calibration
-centroid e_bar (d,) as a frozen float32 buffer. With route (group i, gates g) the layer computes
+also holds the adapter's router (``tucka_router``: its centroids E and, for the centred router, e_bar). With route
+(group i, gates g) the layer computes
 
     M = alpha * sum_j g_j sum_q C^[j, q] G^_i[q]        (r x r; ^ = divided by its Frobenius norm)
     y = base_layer(x + (x U^) M U^T)
 
 i.e. W (I + alpha U^ M U^T)^T: two thin (d x r) matmuls per token, like LoRA; no d x d matrix is ever formed.
+Several active adapters add their updates, each under its own route: y = base_layer(x + sum_a (x U_a) M_a U_a^T).
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import math
 from typing import Any
 
 import torch
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from tucka_llm.tucka.config import TuckAConfig
+from tucka_llm.tucka.router import TuckARouter
 from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture, RoutingState, fixed_route, routing_features
 
 
@@ -29,10 +30,11 @@ class FeaturesCollected(Exception):
 
 
 class TuckALayer(nn.Module, BaseTunerLayer):
-    """A Linear layer with TuckA adapters; one adapter's layers share a ``RoutingState``."""
+    """A Linear layer with TuckA adapters; one adapter's layers share a ``RoutingState``, its routing layer holds
+    its router."""
 
-    adapter_layer_names = ("tucka_core", "tucka_expert", "tucka_subspace", "tucka_centroids")
-    other_param_names = ("tucka_alpha", "tucka_center", "tucka_state", "tucka_routes")
+    adapter_layer_names = ("tucka_core", "tucka_expert", "tucka_subspace", "tucka_router")
+    other_param_names = ("tucka_alpha", "tucka_state", "tucka_merged_route")
 
     def __init__(
         self,
@@ -50,11 +52,10 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         self.tucka_core = nn.ParameterDict()  # G
         self.tucka_expert = nn.ParameterDict()  # C
         self.tucka_subspace = nn.ParameterDict()  # U
-        self.tucka_centroids = nn.ParameterDict()  # E, routing layer only (centred and dai routers)
-        self.tucka_center = BufferDict(persistent=True)  # e_bar, routing layer only (centred router), float32
-        self.tucka_routes: dict[str, bool] = {}  # the adapters this layer routes for (a dict: peft deletes by key)
+        self.tucka_router = nn.ModuleDict()  # the routers of the adapters this layer routes for
         self.tucka_alpha: dict[str, float] = {}
         self.tucka_state: dict[str, RoutingState] = {}
+        self.tucka_merged_route: dict[str, Route | RouteMixture] = {}  # the route each merged adapter was folded with
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -63,59 +64,53 @@ class TuckALayer(nn.Module, BaseTunerLayer):
     def update_layer(
         self, adapter_name: str, config: TuckAConfig, state: RoutingState, is_router: bool, inference_mode: bool = False
     ) -> None:
-        """Create (and initialise) the factors of one adapter on this layer."""
+        """Create (and initialise) the factors of one adapter on this layer; the routing layer also takes the
+        adapter's router (``state.router``) as its own submodule."""
         d, r, k, t, p = self.in_features, config.r, config.k, config.t, config.p
         if r > d:
             raise ValueError(f"TuckAConfig: r={r} is larger than the input size {d} of the adapted layer: lower r.")
+        if config.alpha == "auto":
+            raise ValueError("TuckAConfig.alpha='auto' must be resolved before layers are made (TuckAModel does it).")
         self.tucka_core[adapter_name] = nn.Parameter(torch.empty(k, p, r, r))
         self.tucka_expert[adapter_name] = nn.Parameter(torch.empty(t, p))
         self.tucka_subspace[adapter_name] = nn.Parameter(torch.empty(d, r))
-        if config.alpha == "auto":
-            raise ValueError("TuckAConfig.alpha='auto' must be resolved before layers are made (TuckAModel does it).")
         if is_router:
-            self.tucka_routes[adapter_name] = True
-            if state.router.has_centroids:
-                self.tucka_centroids[adapter_name] = nn.Parameter(torch.empty(k * t, d))
-            if state.router.kind == "centred":
-                self.tucka_center[adapter_name] = torch.zeros(d)  # set by data_aware_init
+            self.tucka_router[adapter_name] = state.router
         self.tucka_alpha[adapter_name] = float(config.alpha)
         self.tucka_state[adapter_name] = state
-        self.reset_tucka_parameters(adapter_name)
+        self.reset_tucka_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def reset_tucka_parameters(self, adapter_name: str) -> None:
-        """The authors' initialisation: one Kaiming-uniform r x r matrix copied into every (i, q) core slice; U and C
-        Kaiming-uniform with mode fan_out. The update is therefore not zero at step 0. The centroids get a
-        Kaiming-uniform placeholder until ``data_aware_init`` calibrates them."""
+    def reset_tucka_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """``init_weights=True``: the authors' initialisation, one Kaiming-uniform r x r matrix copied into every
+        (i, q) core slice (so every group starts equal), U and C Kaiming-uniform with mode fan_out; the update is not
+        zero at step 0. The router keeps placeholder centroids until ``data_aware_init`` calibrates it.
+
+        ``init_weights=False`` (peft's meaning: random, for tests): every core slice drawn on its own, so the groups
+        differ from the start, and the router random and marked calibrated."""
         core = self.tucka_core[adapter_name]
-        one = torch.empty(core.shape[-2:])
-        nn.init.kaiming_uniform_(one, a=math.sqrt(5))
-        core.copy_(one.expand_as(core))
+        if init_weights:
+            one = torch.empty(core.shape[-2:])
+            nn.init.kaiming_uniform_(one, a=math.sqrt(5))
+            core.copy_(one.expand_as(core))
+        else:
+            for slice_ in core.view(-1, *core.shape[-2:]):
+                nn.init.kaiming_uniform_(slice_, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.tucka_subspace[adapter_name], mode="fan_out", a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.tucka_expert[adapter_name], mode="fan_out", a=math.sqrt(5))
-        if adapter_name in self.tucka_centroids:
-            nn.init.kaiming_uniform_(self.tucka_centroids[adapter_name], a=math.sqrt(5))
-
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
-        """peft moves an adapter to the base layer's device and dtype; e_bar stays float32 (the centring must be
-        exact in a bf16 run, and a saved float32 e_bar must load without a bf16 rounding)."""
-        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        if adapter_name in self.tucka_center:
-            self.tucka_center[adapter_name] = self.tucka_center[adapter_name].float()
+        if adapter_name in self.tucka_router:
+            self.tucka_router[adapter_name].reset_parameters(random=not init_weights)
 
     # ----------------------------------------------------------------------------------------------- routing
-    def router_tensors(self, adapter_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(E, e_bar) of an adapter this layer routes for; None where its router keeps none (BufferDict has no
-        ``get``, hence the tests)."""
-        centroids = self.tucka_centroids[adapter_name] if adapter_name in self.tucka_centroids else None  # noqa: SIM401
-        center = self.tucka_center[adapter_name] if adapter_name in self.tucka_center else None  # noqa: SIM401
-        return centroids, center
+    def router(self, adapter_name: str) -> TuckARouter:
+        """The router of an adapter this layer routes for."""
+        return self.tucka_router[adapter_name]
 
     def _route(self, adapter_name: str, x: torch.Tensor) -> ActiveRoute:
         state = self.tucka_state[adapter_name]
-        if adapter_name in self.tucka_routes:
+        if adapter_name in self.tucka_router:
             return self._decide_route(adapter_name, x, state)
         if state.route is None:
             raise RuntimeError(
@@ -132,20 +127,21 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         """
         if state.held:
             return state.route
-        centroids, center = self.router_tensors(adapter_name)
-        mode = state.effective_mode(self.training)
+        router = self.tucka_router[adapter_name]
         if state.calibration is not None:
             state.calibration.append(routing_features(x.detach().float(), state.attention_mask))
-            raise FeaturesCollected
-        router = state.router
+            if state.calibration_stops:
+                raise FeaturesCollected
+        mode = state.effective_mode(self.training)
+        if self.training and torch.is_grad_enabled():
+            router.check_calibrated(adapter_name)
         if isinstance(mode, Route | RouteMixture):
             route = fixed_route(mode, x.device, self.tucka_subspace[adapter_name].dtype)
         else:
-            dtype = centroids.dtype if centroids is not None else torch.float32
-            features = router.features(x, state.attention_mask, dtype)
+            features = router.features(x, state.attention_mask)
             if mode == "batch":
                 features = features.mean(dim=0, keepdim=True)
-            route = router.route_features(features, centroids, center, (state.draw_step, state.draws))
+            route = router.route_features(features, (state.draw_step, state.draws))
             if state.gate_levels is not None:
                 route = router.quantise(route, state.gate_levels)
         if state.route is None:
@@ -226,7 +222,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        if self.merged:
+        if self.merged:  # as peft's layers: a merged layer is its base layer
             return self.base_layer(x, *args, **kwargs)
         adapted: torch.Tensor | None = None
         for name in self.active_adapters:
@@ -248,42 +244,79 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             u = self.normalised_subspace(adapter_name, torch.float32)
             return u, self.mixing_matrix(adapter_name, active, torch.float32)[0]
 
+    def _stacked_factors(self, names: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """V = [U_1 ... U_n] (d, n r) and B = blockdiag(M_1^T ... M_n^T) (n r, n r) of the merged adapters
+        ``names`` under the routes they were merged with: together they changed W into W (I + V B V^T)."""
+        factors = [self.merge_factors(name, self.tucka_merged_route[name]) for name in names]
+        v = torch.cat([u for u, _ in factors], dim=1).to(device)
+        b = torch.block_diag(*[m.t() for _, m in factors]).to(device)
+        return v, b
+
+    def _base_of_merged(self, merged: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """W from W' = W (I + V B V^T), fp32 (method note, section 4), without a d x d inverse (Woodbury):
+        (I + V B V^T)^-1 = I - V (I + B V^T V)^-1 B V^T, an (n r) x (n r) system."""
+        if not names:
+            return merged
+        v, b = self._stacked_factors(names, merged.device)
+        system = torch.eye(b.shape[0], device=merged.device, dtype=torch.float64) + (b @ v.t() @ v).double()
+        correction = torch.linalg.solve(system, (b @ v.t()).double()).float()  # (n r, d)
+        base = merged - (merged @ v) @ correction
+        if not torch.isfinite(base).all():
+            raise ValueError(
+                f"TuckA: the merged update of adapters {names} is not invertible (I + B V^T V is singular); reload "
+                "the base model and adapter instead of unmerging."
+            )
+        return base
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the adapters into the base weight under the fixed route set with ``tucka_llm.routing``.
 
-        W' = W (I + sum_a U_a M_a U_a^T)^T = W + sum_a ((W U_a) M_a^T) U_a^T: exactly what the unmerged forward
-        computes, in fp32 and cast once to the base dtype. Thin products only (d_out x r), never a d x d matrix, so
-        a 7B model merges in seconds on a CPU.
+        W' = W (I + sum_a U_a M_a^T U_a^T) = W + sum_a ((W U_a) M_a^T) U_a^T: exactly what the unmerged forward
+        computes with these adapters active, in fp32 and cast once to the base dtype. Adapters merged earlier are
+        taken out of W first (``_base_of_merged``), so merges in several calls add up as in one call. Thin products
+        only (d_out x r), never a d x d matrix, so a 7B model merges in seconds on a CPU.
         """
-        names = check_adapters_to_merge(self, adapter_names)
-        names = [n for n in names if n in self.tucka_core]
+        names = [n for n in check_adapters_to_merge(self, adapter_names) if n in self.tucka_core]
         if not names:
             return
-        if self.merged:
-            raise ValueError("TuckA: adapters already merged into this layer; merge all adapters in one call.")
+        routes = {}
+        for name in names:
+            route = self.tucka_state[name].mode
+            if not isinstance(route, Route | RouteMixture):
+                raise ValueError(
+                    f"TuckA adapter '{name}' routes per input and cannot be merged as is: choose the route to "
+                    "fold, e.g. `with tucka_llm.routing(model, tucka_llm.Route(group, gates)): "
+                    "model.merge_and_unload()`."
+                )
+            routes[name] = route
         weight = self.full_precision_weight("merge into")
         with torch.no_grad():
-            original = weight.float()
-            merged = original.clone()
-            for name in names:
-                route = self.tucka_state[name].mode
-                if not isinstance(route, Route | RouteMixture):
-                    raise ValueError(
-                        f"TuckA adapter '{name}' routes per input and cannot be merged as is: choose the route to "
-                        "fold, e.g. `with tucka_llm.routing(model, tucka_llm.Route(group, gates)): "
-                        "model.merge_and_unload()`."
-                    )
+            current = weight.float()
+            base = self._base_of_merged(current, self.merged_adapters)
+            merged = current.clone()
+            for name, route in routes.items():
                 u, m = (f.to(weight.device) for f in self.merge_factors(name, route))
-                merged += ((original @ u) @ m.t()) @ u.t()
-        if safe_merge and not torch.isfinite(merged).all():
-            raise ValueError(f"TuckA: merging adapters {names} produced non-finite weights; nothing was changed.")
-        weight.data = merged.to(weight.dtype)
+                merged += ((base @ u) @ m.t()) @ u.t()
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {', '.join(names)} seems to be broken; nothing "
+                    "was changed."
+                )
+            weight.data = merged.to(weight.dtype)
+        self.tucka_merged_route.update(routes)
         self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
-        raise RuntimeError(
-            "TuckA merges are one-way (W' = W(I + A) would need a d x d inverse): reload the base model and adapter."
-        )
+        """Take every merged adapter out of the base weight: W = W' (I + V B V^T)^-1 through an (n r) x (n r) solve
+        in fp32 (``_base_of_merged``), cast once. Exact up to the base dtype's rounding (docs/benchmarks.md)."""
+        if not self.merged:
+            return
+        weight = self.full_precision_weight("unmerge from")
+        with torch.no_grad():
+            weight.data = self._base_of_merged(weight.float(), self.merged_adapters).to(weight.dtype)
+        for name in self.merged_adapters:
+            self.tucka_merged_route.pop(name, None)
+        self.merged_adapters.clear()
 
     def __repr__(self) -> str:
         return "tucka." + super().__repr__()

@@ -3,27 +3,31 @@ controls: ``routing`` (the mode of every adapter for a block), ``expert_load`` a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from tucka_llm.tucka.config import TuckAConfig, width_scaled_alpha
 from tucka_llm.tucka.layer import TuckALayer
+from tucka_llm.tucka.router import make_router
 from tucka_llm.tucka.routing import (
     ExpertLoad,
     Route,
     RouteMixture,
-    Router,
     RoutingMode,
     RoutingState,
     install_forward_hook,
     validate_gate_levels,
     validate_mode,
 )
+
+logger = logging.getLogger("tucka_llm")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -45,10 +49,23 @@ class TuckAModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     uses_shared_state: bool = True
 
-    def _pre_injection_hook(self, model: nn.Module, config: TuckAConfig, adapter_name: str) -> None:
-        """Check the targets before anything is replaced, place the router, create the adapter's routing state."""
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """peft calls this for every adapter (``get_peft_model``, ``add_adapter``, ``load_adapter``): check the
+        targets before anything is replaced, place the adapter's router, create its routing state."""
+        self._prepare_routing(model, self.peft_config[adapter_name], adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            self._tucka_states.pop(adapter_name, None)
+            raise
+
+    def _prepare_routing(self, model: nn.Module, config: TuckAConfig, adapter_name: str) -> None:
         config = self._prepare_adapter_config(config, self.get_model_config(model))
-        matched = [key for key, _ in model.named_modules() if key and self._check_target_module_exists(config, key)]
+        matched = [
+            key
+            for key, _ in model.named_modules()
+            if key and not self._inside_tucka_layer(model, key) and self._check_target_module_exists(config, key)
+        ]
         if not matched:
             targets = config.target_modules
             targets = sorted(targets) if isinstance(targets, set) else targets
@@ -58,7 +75,7 @@ class TuckAModel(BaseTuner):
             )
         for key in matched:
             module = model.get_submodule(key)
-            base = module.get_base_layer() if isinstance(module, TuckALayer) else module
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
             if not isinstance(base, nn.Linear):
                 raise TypeError(
                     f"TuckA target '{key}' is a {type(base).__name__}, not a torch.nn.Linear: remove it from "
@@ -75,13 +92,29 @@ class TuckAModel(BaseTuner):
                 f"TuckAConfig.router_module={config.router_module!r} is not one of the adapted layers "
                 f"(the first is {matched[0]!r})."
             )
+        width = model.get_submodule(config.router_module)
+        width = (width.get_base_layer() if isinstance(width, BaseTunerLayer) else width).in_features
         if config.alpha == "auto":  # resolved once and saved, so a reloaded adapter never depends on the rule
-            config.alpha = width_scaled_alpha(model.get_submodule(config.router_module).in_features)
+            config.alpha = width_scaled_alpha(width)
         if not hasattr(self, "_tucka_states"):
             self._tucka_states: dict[str, RoutingState] = {}
             self._tucka_hook = install_forward_hook(model, self._tucka_states)
-        router = Router(config.router, config.k, config.t, config.perturb_scale, config.normalize_gates, config.seed)
+        router = make_router(
+            config.router,
+            k=config.k,
+            t=config.t,
+            d=width,
+            perturb_scale=config.perturb_scale,
+            normalize_gates=config.normalize_gates,
+            seed=config.seed,
+        )
         self._tucka_states[adapter_name] = RoutingState(router, config.router_module)
+
+    @staticmethod
+    def _inside_tucka_layer(model: nn.Module, key: str) -> bool:
+        """Whether ``key`` names a module inside a tuner layer (its base layer, a router): never a target."""
+        parts = key.split(".")
+        return any(isinstance(model.get_submodule(".".join(parts[:i])), BaseTunerLayer) for i in range(1, len(parts)))
 
     def _create_and_replace(
         self,
@@ -103,9 +136,32 @@ class TuckAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """peft's mixed-batch inference (``adapter_names=[...]``, one adapter per sample) is refused: a TuckA adapter
+        routes per batch or per sequence at its routing layer, which would see only part of the batch."""
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "TuckA does not support mixed adapter batches (`adapter_names`): run one forward per adapter, "
+                "selected with model.set_adapter(name)."
+            )
+        yield
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._tucka_states.pop(adapter_name, None)
+
+    @staticmethod
+    def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A saved state dict in the current layout (``upgrade_state_dict``): what loading compares against."""
+        return upgrade_state_dict(state_dict)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: TuckAConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """peft's key mapping, after ``upgrade_state_dict`` brings an adapter saved by an earlier version up to date."""
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, upgrade_state_dict(state_dict))
 
     def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
         model = super()._unload_and_optionally_merge(*args, **kwargs)
@@ -113,13 +169,49 @@ class TuckAModel(BaseTuner):
         return model
 
 
-def routing_states(model: nn.Module) -> dict[str, RoutingState]:
-    """The routing state of every TuckA adapter in ``model`` (a PeftModel, a DeepSpeed engine, any module)."""
+# Keys of adapters saved before the router was a module (tucka-llm <= 0.2): E and e_bar sat on the routing layer.
+_LEGACY_ROUTER_KEYS = {"tucka_centroids": "tucka_router.centroids", "tucka_center": "tucka_router.center"}
+
+
+def upgrade_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A saved TuckA state dict in the current layout (checkpoint keys, without the adapter name).
+
+    tucka-llm <= 0.2 saved E as ``<layer>.tucka_centroids`` and e_bar as ``<layer>.tucka_center``; they are now the
+    router's ``<layer>.tucka_router.centroids`` and ``.center``. Such an adapter holds no ``calibrated`` flag: it
+    was trained by our launcher, which always ran DAI first, so it is taken as calibrated, and that is logged once.
+    """
+    upgraded: dict[str, torch.Tensor] = {}
+    legacy_layers = set()
+    for key, value in state_dict.items():
+        layer, _, name = key.rpartition(".")
+        if name in _LEGACY_ROUTER_KEYS:
+            legacy_layers.add(layer)
+            key = f"{layer}.{_LEGACY_ROUTER_KEYS[name]}" if layer else _LEGACY_ROUTER_KEYS[name]
+        upgraded[key] = value
+    for layer in sorted(legacy_layers):
+        key = f"{layer}.tucka_router.calibrated" if layer else "tucka_router.calibrated"
+        upgraded.setdefault(key, torch.tensor(1, dtype=torch.uint8))
+    if legacy_layers and not _legacy_noted:
+        _legacy_noted.append(True)
+        logger.warning(
+            "TuckA adapter saved by tucka-llm 0.2 or earlier: its router tensors (tucka_centroids, tucka_center) are "
+            "loaded as tucka_router.centroids and .center, and its router is taken as calibrated (that version's "
+            "launcher always ran data-aware initialisation before training)."
+        )
+    return upgraded
+
+
+_legacy_noted: list[bool] = []  # the old-layout note is logged once per process
+
+
+def routing_states(model: nn.Module, missing_ok: bool = False) -> dict[str, RoutingState]:
+    """The routing state of every TuckA adapter in ``model`` (a PeftModel, a DeepSpeed engine, any module); a model
+    without one is a ValueError unless ``missing_ok``."""
     states: dict[str, RoutingState] = {}
     for module in model.modules():
         if isinstance(module, TuckALayer):
             states.update(module.tucka_state)
-    if not states:
+    if not states and not missing_ok:
         raise ValueError(
             "No TuckA adapter found in this model: wrap it with peft.get_peft_model(model, TuckAConfig())."
         )
@@ -169,3 +261,18 @@ def last_routes(model: nn.Module) -> list[Route]:
 def expert_load(model: nn.Module, reset: bool = True) -> dict[str, ExpertLoad]:
     """Per adapter: how often each group was chosen, its mean gates and the routing entropy since the last read."""
     return {name: state.read_load(reset) for name, state in routing_states(model).items()}
+
+
+def routing_metrics(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Training-log entries of every TuckA adapter since the last call: ``routing_entropy`` and
+    ``expert_load/group{i}`` (prefixed ``{adapter}/`` for adapters other than "default"); {} for a model without
+    TuckA. ``reduce`` sums a tensor over data-parallel ranks (every rank must call this)."""
+    out: dict[str, float] = {}
+    for name, state in routing_states(model, missing_ok=True).items():
+        counts, gates = state.load_sums(reset=True)
+        flat = reduce(torch.cat([counts, gates.flatten()]).double()).cpu()
+        load = ExpertLoad.from_sums(flat[: state.k], flat[state.k :].view(state.k, state.t))
+        prefix = "" if name == "default" else f"{name}/"
+        out[f"{prefix}routing_entropy"] = load.entropy
+        out |= {f"{prefix}expert_load/group{i}": f for i, f in enumerate(load.fraction)}
+    return out

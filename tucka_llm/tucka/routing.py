@@ -1,35 +1,25 @@
-"""Batch-level routing (method note, sections 2-3): routes, the three routers' math, the per-adapter routing state.
+"""Batch-level routing (method note, sections 2-3): routes, the per-adapter routing state, the forward hook.
 
-One router (on the first adapted layer) decides, once per forward, the expert group and the gates that every TuckA
-layer of the adapter then uses. The decision lives in a ``RoutingState`` shared by the layers of one adapter. It is
-computed at prefill and held for the decode steps of ``generate``. This module knows nothing of layers or models:
-the model-level helpers (``routing``, ``expert_load``, ``routing_states``) live in ``tucka_llm.tucka.model``.
-
-Routers (``TuckAConfig.router``):
-
-- ``centred`` (default): logits E (h - e_bar), e_bar the calibration centroid (a frozen float32 buffer), E = e_bar +
-  eps for every row. The route depends only on the direction of h - e_bar, so the large component that every
-  input shares (and that makes the paper's router collapse onto one group, method note section 3) drops out.
-- ``dai``: the paper's design, DAI once: E = [e, e + eps_1, ...], logits E h.
-- ``redraw``: the authors' published code: E redrawn around the current route feature at every forward and never
-  trained; the draws come from a generator seeded by (seed, step, forward), so a resumed run draws the same.
+One router (``tucka_llm.tucka.router``, held by the adapter's routing layer) decides, once per forward, the expert
+group and the gates that every TuckA layer of the adapter then uses. The decision lives in a ``RoutingState`` shared
+by the layers of one adapter. It is computed at prefill and held for the decode steps of ``generate``. This module
+knows nothing of layers or models: the model-level helpers (``routing``, ``expert_load``, ``routing_states``) live in
+``tucka_llm.tucka.model``.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-ROUTERS = ("centred", "dai", "redraw")
+if TYPE_CHECKING:
+    from tucka_llm.tucka.router import TuckARouter
 
 
 @dataclass(frozen=True)
@@ -129,15 +119,16 @@ class RoutingState:
     to 0), and every model forward that is not a decode step counts one draw.
     """
 
-    def __init__(self, router: Router, router_module: str) -> None:
+    def __init__(self, router: TuckARouter, router_module: str) -> None:
         self.router = router
         self.router_module = router_module
         self.mode: RoutingMode = None  # None: "batch" while training, "sequence" in eval mode
         self.attention_mask: torch.Tensor | None = None
         self.route: ActiveRoute | None = None
         self.held = False  # True during decode steps: the route of the prefill is reused
-        self.gate_levels: int | None = None  # set: computed routes are quantised (Router.quantise) as served
+        self.gate_levels: int | None = None  # set: computed routes are quantised (TuckARouter.quantise) as served
         self.calibration: list[torch.Tensor] | None = None  # set by data_aware_init while it collects features
+        self.calibration_stops = True  # the routing layer ends the forward once it has the features
         self.draw_step, self.draws = 0, 0
         self._load_counts: torch.Tensor | None = None  # (k,) on the router's device
         self._load_gates: torch.Tensor | None = None  # (k, t)
@@ -214,153 +205,10 @@ def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
-def _seed_of(*numbers: int) -> int:
-    """A 63-bit generator seed that depends on every number (a stable hash, unlike Python's salted ``hash``)."""
-    digest = hashlib.sha256(",".join(map(str, numbers)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-@dataclass(frozen=True)
-class Router:
-    """The router of one adapter: which design (``kind``, one of ROUTERS) and its settings (method note, 2-3).
-
-    Every design scores the k*t experts as s = sigmoid(normalise_within_group(logits)) (the authors' per-group
-    normalisation, without which s saturates at 1 for d = 4096), takes the group of the best expert, and gates its
-    experts by their scores, normalised to sum 1 (paper Eq. 8) unless ``normalize_gates`` is False (the authors'
-    code, whose update is then scaled by the sum of the scores, ~1.2-1.34 at t = 2).
-    """
-
-    kind: str
-    k: int
-    t: int
-    perturb_scale: float
-    normalize_gates: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ROUTERS:
-            raise ValueError(f"Unknown TuckA router {self.kind!r}: use one of {', '.join(ROUTERS)}.")
-
-    @property
-    def has_centroids(self) -> bool:
-        """Whether the router has trained centroids E (the redraw router draws them anew at every forward)."""
-        return self.kind != "redraw"
-
-    def features(
-        self, x: torch.Tensor, attention_mask: torch.Tensor | None, centroids_dtype: torch.dtype
-    ) -> torch.Tensor:
-        """The routing feature h of each sequence. ``dai`` averages in E's dtype, as it always has (old adapters
-        route exactly as before); the others average and centre in float32, so a bf16 run's h - e_bar is exact."""
-        return routing_features(x.to(centroids_dtype) if self.kind == "dai" else x.float(), attention_mask)
-
-    def logits(
-        self,
-        features: torch.Tensor,
-        centroids: torch.Tensor | None,
-        center: torch.Tensor | None,
-        draw: tuple[int, int] = (0, 0),
-    ) -> torch.Tensor:
-        """(n, d) features -> (n, k*t) expert logits; ``draw`` keys the redraw router's draw."""
-        if self.kind == "centred":
-            return F.linear(features.float() - center.float(), centroids.float())
-        if self.kind == "dai":
-            return F.linear(features, centroids)
-        # redraw: E = [h, h + eps_1, ...] around each route's own feature, so E h = |h|^2 + [0, eps_1 h, ...]
-        noise = self.redraw_noise(features.shape[-1], draw).to(features.device)
-        h = features.float()
-        return (h * h).sum(dim=-1, keepdim=True) + F.linear(h, noise)
-
-    def scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """(n, k*t) logits -> (n, k, t) expert scores in (0, 1)."""
-        return torch.sigmoid(F.normalize(logits.view(-1, self.k, self.t), dim=-1))
-
-    def route(self, scores: torch.Tensor) -> ActiveRoute:
-        """Paper Eqs. 7-8: the winning expert's group is active, gated by its experts' scores. No host sync."""
-        group = scores.flatten(1).argmax(dim=-1) // self.t
-        chosen = scores.gather(1, group.view(-1, 1, 1).expand(-1, 1, self.t)).squeeze(1)
-        gates = chosen / chosen.sum(dim=-1, keepdim=True) if self.normalize_gates else chosen
-        return ActiveRoute(group=group, gates=gates)
-
-    def route_features(
-        self,
-        features: torch.Tensor,
-        centroids: torch.Tensor | None,
-        center: torch.Tensor | None,
-        draw: tuple[int, int] = (0, 0),
-    ) -> ActiveRoute:
-        """features (n, d) -> one route per row."""
-        return self.route(self.scores(self.logits(features, centroids, center, draw)))
-
-    def gate_range(self) -> tuple[float, float]:
-        """The smallest and largest value one gate can take under this router (see ``gate_range``)."""
-        return gate_range(self.t, self.normalize_gates)
-
-    def quantise(self, route: ActiveRoute, levels: int) -> ActiveRoute:
-        """The served route: each gate rounded to the nearest of ``levels`` equally spaced values spanning
-        ``gate_range()`` (one level: its middle), then divided by their sum again when the router normalises gates.
-
-        With finitely many gate values a finite set of fixed routes (one LoRA adapter each) covers every input
-        (routed serving, ``tucka_llm.serving``). Done in float64 so that every caller that starts from the same
-        gates ends on the same grid values.
-        """
-        validate_gate_levels(levels)
-        low, high = self.gate_range()
-        gates = route.gates.double()
-        if levels == 1 or high == low:
-            quantised = torch.full_like(gates, (low + high) / 2)
-        else:
-            step = (high - low) / (levels - 1)
-            quantised = low + torch.round((gates - low) / step).clamp(0, levels - 1) * step
-        if self.normalize_gates:
-            quantised = quantised / quantised.sum(dim=-1, keepdim=True)
-        return ActiveRoute(route.group, quantised.to(route.gates.dtype), route.weights)
-
-    def initial_centroids(self, e: torch.Tensor, seed: int) -> torch.Tensor | None:
-        """DAI (paper Eq. 10) from the calibration centroid ``e``: E = [e, e + eps_1, ...] for ``dai``, E = e + eps
-        for every row for ``centred`` (an unperturbed row would score exactly 0 for every input), eps ~ U(-a, a);
-        None for ``redraw``, which keeps no E."""
-        if not self.has_centroids:
-            return None
-        noise = self._perturbations(self.k * self.t - (1 if self.kind == "dai" else 0), e.numel(), seed)
-        e = e.float().cpu()
-        return torch.cat([e.unsqueeze(0), e + noise]) if self.kind == "dai" else e + noise
-
-    def redraw_noise(self, d: int, draw: tuple[int, int]) -> torch.Tensor:
-        """The redraw router's perturbations for one forward: (k*t, d), first row 0, the rest U(-a, a), seeded by
-        (seed, step, forward) so that the same step of a resumed run draws the same."""
-        noise = self._perturbations(self.k * self.t - 1, d, _seed_of(self.seed, *draw))
-        return torch.cat([torch.zeros(1, d), noise])
-
-    def _perturbations(self, rows: int, d: int, seed: int) -> torch.Tensor:
-        """eps ~ U(-a, a), (rows, d), from a CPU generator seeded with ``seed`` (the same on every rank and device)."""
-        generator = torch.Generator().manual_seed(seed)
-        return (torch.rand(rows, d, generator=generator) * 2 - 1) * self.perturb_scale
-
-
 def validate_gate_levels(levels: int) -> None:
-    """Refuse a number of gate levels (``Router.quantise``) that is not an integer >= 1."""
+    """Refuse a number of gate levels (``TuckARouter.quantise``) that is not an integer >= 1."""
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
         raise ValueError(f"gate levels must be an integer >= 1, got {levels!r}.")
-
-
-@functools.cache
-def gate_range(t: int, normalize_gates: bool) -> tuple[float, float]:
-    """The interval one gate lives in. A group's t scores are sigmoid(l) of a unit vector l (the per-group
-    normalisation), so each score lies in [sigmoid(-1), sigmoid(1)]. Normalised gates s_j / sum_m s_m reach their
-    extremes when the other t - 1 logits are equal (the sigmoid is convex below 0 and concave above), which leaves a
-    one-dimensional search over l_j, done here on a fine grid (exact to ~1e-9): [0.3223, 0.6777] at t = 2.
-    """
-    if not normalize_gates:
-        return float(torch.sigmoid(torch.tensor(-1.0, dtype=torch.float64))), float(
-            torch.sigmoid(torch.tensor(1.0, dtype=torch.float64))
-        )
-    if t == 1:
-        return 1.0, 1.0
-    a = torch.linspace(-1, 1, 200_001, dtype=torch.float64)
-    others = torch.sqrt((1 - a * a) / (t - 1))
-    values = [torch.sigmoid(a) / (torch.sigmoid(a) + (t - 1) * torch.sigmoid(sign * others)) for sign in (-1, 1)]
-    gates = torch.cat(values)
-    return float(gates.min()), float(gates.max())
 
 
 def fixed_route(route: Route | RouteMixture, device: torch.device, dtype: torch.dtype) -> ActiveRoute:
@@ -395,22 +243,29 @@ def _cache_length(past_key_values: Any) -> int:
         return 0
 
 
-def install_forward_hook(model: nn.Module, states: dict[str, RoutingState]) -> torch.utils.hooks.RemovableHandle:
-    """Call ``begin_forward`` on every adapter's state before each forward of ``model``.
+class BeginForward:
+    """A forward pre-hook on the wrapped model that calls ``begin_forward`` on every adapter's routing state.
 
-    The hook reads ``attention_mask`` and ``past_key_values`` from the model's own arguments (positional or
-    keyword), so plain forwards, ``generate`` and DeepSpeed engines all route on real tokens only.
+    It reads ``attention_mask`` and ``past_key_values`` from the model's own arguments (positional or keyword), so
+    plain forwards, ``generate`` and DeepSpeed engines all route on real tokens only. An object rather than a closure:
+    ``copy.deepcopy`` of the model copies it with the states it serves, so a copy never routes through the original.
     """
-    signature = inspect.signature(model.forward)
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def __init__(self, model: nn.Module, states: dict[str, RoutingState]) -> None:
+        self.signature = inspect.signature(model.forward)
+        self.states = states
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         try:
-            bound = signature.bind_partial(*args, **kwargs).arguments
+            bound = self.signature.bind_partial(*args, **kwargs).arguments
         except TypeError:
             bound = kwargs
         mask = bound.get("attention_mask")
         decoding = _cache_length(bound.get("past_key_values")) > 0
-        for state in states.values():
+        for state in self.states.values():
             state.begin_forward(mask, decoding)
 
-    return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+def install_forward_hook(model: nn.Module, states: dict[str, RoutingState]) -> torch.utils.hooks.RemovableHandle:
+    """Run ``BeginForward`` before each forward of ``model`` for the adapters in ``states`` (a live dict)."""
+    return model.register_forward_pre_hook(BeginForward(model, states), with_kwargs=True)
