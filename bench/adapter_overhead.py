@@ -53,7 +53,10 @@ def build(method: str, args: argparse.Namespace) -> torch.nn.Module:
     else:
         k = int(method.removeprefix("tucka-k"))
         config = tucka_llm.TuckAConfig(r=args.r, k=k, t=2, p=2, target_modules=targets)
-    return peft.get_peft_model(model, config).train()
+    model = peft.get_peft_model(model, config)
+    if method.startswith("tucka"):
+        tucka_llm.data_aware_init(model, [make_batch(args)])  # its router trains calibrated, as in a real run
+    return model.train()
 
 
 def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
