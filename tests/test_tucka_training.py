@@ -25,7 +25,8 @@ def loss_and_grads(model, batch):
 
 def test_every_trainable_parameter_gets_a_gradient_every_step(batch):
     model = tucka_llama(seed=4).train()
-    tucka_llm.data_aware_init(model, calibration_batches(batch), seed=7)
+    # calibrated on part of the batch: on all of it, h - e_bar would be exactly 0 and give E no gradient
+    tucka_llm.data_aware_init(model, calibration_batches(batch)[:1], seed=7)
     _, grads = loss_and_grads(model, batch)
     assert set(grads) == set(trainable(model))
     group = int(routing_states(model)["default"].route.group[0])

@@ -12,6 +12,7 @@ the same way from data when the file is missing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -97,7 +98,6 @@ class TuckACalibration(TrainerCallback):
         self.data, self.samples, self.seed = data, samples, seed
         self.record = None if record is None else Path(record)
         self.meta = dict(meta or {})
-        self.centroids: dict[str, torch.Tensor] = {}  # {adapter: e} once calibrated
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         model = kw["model"]
@@ -111,11 +111,11 @@ class TuckACalibration(TrainerCallback):
         dai = {}
         for name, h in features.items():
             router, e = by_name[name], h.float().mean(dim=0)
-            self.centroids[name] = e
-            if resumed:  # the checkpoint holds the trained E; e_bar and the flag are not in DeepSpeed's checkpoint
-                router.calibrate(e, self.seed, keep_centroids=True)
+            with _writable(args, router):
+                # resumed: the checkpoint holds the trained E; e_bar and the flag are not in DeepSpeed's checkpoint
+                router.calibrate(e, self.seed, keep_centroids=resumed)
+            if resumed:
                 continue
-            router.calibrate(e, self.seed)
             initial = router.initial_centroids(e, self.seed)
             if initial is not None:
                 dai[name] = initial
@@ -141,11 +141,17 @@ class TuckACalibration(TrainerCallback):
 
 
 def _training_rows(dataloader: Any) -> Sequence[Mapping[str, Any]]:
+    """The Trainer's tokenized training rows; a dataset without them, or without random access (an iterable
+    dataset), is a ValueError saying to pass ``data``."""
     dataset = getattr(dataloader, "dataset", None)
-    if dataset is None or len(dataset) == 0 or "input_ids" not in dataset[0]:
+    try:
+        usable = dataset is not None and len(dataset) > 0 and "input_ids" in dataset[0]
+    except (TypeError, NotImplementedError, KeyError, IndexError):  # iterable datasets have no len() or [i]
+        usable = False
+    if not usable:
         raise ValueError(
-            "TuckACalibration: the Trainer's training dataset holds no tokenized rows (input_ids); pass "
-            "TuckACalibration(data=...) with tokenized training rows."
+            "TuckACalibration: the Trainer's training dataset holds no tokenized rows (input_ids) that can be "
+            "sampled; pass TuckACalibration(data=...) with tokenized training rows (a list or datasets.Dataset)."
         )
     return dataset
 
@@ -154,6 +160,16 @@ def _zero3(args: TrainingArguments) -> bool:
     """Under ZeRO-3 the calibration runs whole forwards: a forward stopped midway would leave gathered parameters."""
     config = getattr(args, "hf_deepspeed_config", None)
     return config is not None and config.is_zero3()
+
+
+def _writable(args: TrainingArguments, router: nn.Module) -> contextlib.AbstractContextManager:
+    """Under ZeRO-3 the router's parameters are partitioned: gather them to be written (rank 0's values are kept;
+    every rank computed the same)."""
+    if not _zero3(args):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(router.parameters()), modifier_rank=0)
 
 
 def _set_master(args: TrainingArguments, param: nn.Parameter, value: torch.Tensor, name: str) -> None:

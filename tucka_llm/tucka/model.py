@@ -39,9 +39,10 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 class TuckAModel(BaseTuner):
     """Creates a TuckA model from a transformers model; use it through ``peft.get_peft_model(model, TuckAConfig())``.
 
-    The first adapted layer (or ``TuckAConfig.router_module``) holds the centroids and routes for every layer of
-    the adapter. A forward pre-hook on the wrapped model hands the model's attention mask and cache state to the
-    routing state, so padding never moves the route and ``generate`` holds the prefill route while decoding.
+    Each adapter's first adapted layer (or ``TuckAConfig.router_module``) holds its router and routes for every layer
+    of the adapter; several adapters each have their own. A forward pre-hook on the wrapped model hands the model's
+    attention mask and cache state to the routing states, so padding never moves a route and ``generate`` holds the
+    prefill route while decoding.
     """
 
     prefix: str = "tucka_"
@@ -60,11 +61,13 @@ class TuckAModel(BaseTuner):
             raise
 
     def _prepare_routing(self, model: nn.Module, config: TuckAConfig, adapter_name: str) -> None:
+        """Refuse targets TuckA cannot adapt (in one line, listing the model's Linear layers), record the routing
+        layer and the resolved alpha in ``config`` (both saved), and create the adapter's router and routing state."""
         config = self._prepare_adapter_config(config, self.get_model_config(model))
         matched = [
             key
             for key, _ in model.named_modules()
-            if key and not self._inside_tucka_layer(model, key) and self._check_target_module_exists(config, key)
+            if key and self._check_target_module_exists(config, key) and not self._inside_tuner_layer(model, key)
         ]
         if not matched:
             targets = config.target_modules
@@ -111,7 +114,7 @@ class TuckAModel(BaseTuner):
         self._tucka_states[adapter_name] = RoutingState(router, config.router_module)
 
     @staticmethod
-    def _inside_tucka_layer(model: nn.Module, key: str) -> bool:
+    def _inside_tuner_layer(model: nn.Module, key: str) -> bool:
         """Whether ``key`` names a module inside a tuner layer (its base layer, a router): never a target."""
         parts = key.split(".")
         return any(isinstance(model.get_submodule(".".join(parts[:i])), BaseTunerLayer) for i in range(1, len(parts)))
