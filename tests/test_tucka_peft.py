@@ -104,7 +104,12 @@ def test_tucka_wraps_a_4bit_linear_as_it_wraps_a_linear_and_refuses_to_merge_int
     assert isinstance(on_4bit.base_model.model.model.layers[0].self_attn.q_proj.base_layer, bnb.nn.Linear4bit)
     torch.testing.assert_close(routers(on_4bit)["default"].centroids, routers(on_plain)["default"].centroids)
     with torch.no_grad():
-        torch.testing.assert_close(on_4bit(**batch).logits, on_plain(**batch).logits, rtol=1e-5, atol=1e-5)
+        adapted = (on_4bit(**batch).logits - on_plain(**batch).logits).abs().max()
+        with on_4bit.disable_adapter(), on_plain.disable_adapter():
+            base = (on_4bit(**batch).logits - on_plain(**batch).logits).abs().max()
+    # Equal up to what the 4-bit layer's own matmul differs from the dequantized weights: nothing on AVX2 CPUs, ~3e-3 in
+    # the logits on CPUs with AVX-512 BF16, where bitsandbytes takes another CPU kernel (backends/cpu/ops.py).
+    assert adapted <= 1.5 * base + 1e-5, (float(adapted), float(base))
     groups = []
     for model in models:  # each sequence routed to the same group on both
         with tucka_llm.routing(model, "sequence"), torch.no_grad():
