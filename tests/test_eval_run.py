@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import tucka_llm
+from tucka_llm.__main__ import main as tucka_main
 from tucka_llm.data import DataError
 from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend
@@ -273,3 +274,24 @@ def test_a_record_cut_anywhere_is_dropped_and_the_next_one_starts_on_its_own_lin
     path.write_bytes(first.encode() + b'{"id": "\xe2\x86"}\n' + second)
     with pytest.raises(EvalError, match=rf"^{path}:2: not a JSON record; delete the line"):
         read_records(path)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--limit", "0"], "--limit 0: give a number of problems from 1 to 1319"),
+        (["--limit", "-2"], "--limit -2: give a number of problems from 1 to 1319"),
+        (["--limit", "5001", "--task", "math"], "--limit 5001: give a number of problems from 1 to 5000"),
+    ],
+)
+def test_the_loss_command_refuses_a_limit_outside_the_test_set_before_loading_anything(tmp_path, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        tucka_main(["loss", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), *flags])
+    assert str(stop.value).startswith(f"error: {message}") and "\n" not in str(stop.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_loss_command_refuses_an_output_that_is_a_file(tmp_path):
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(SystemExit, match=r"--output .* is a file: give a directory"):
+        tucka_main(["loss", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), "--limit", "2"])

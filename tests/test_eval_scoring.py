@@ -353,3 +353,42 @@ def test_pathological_completions_are_scored_in_linear_time(name):
         run()
         # Tens of milliseconds per megabyte when linear; minutes when a regex backtracks.
         assert time.perf_counter() - started < 1.0, call
+
+
+@pytest.mark.parametrize(
+    "completion, gold",
+    [(r"\boxed{10^{400} i}", "3i"), (r"\boxed{10^{400}+i}", "2-i"), (r"\boxed{3i}", r"10^{400} i")],
+)
+def test_a_non_finite_value_never_equals_a_finite_gold(completion, gold):
+    """Compared as complex numbers, 10^400 overflows to inf; inf <= inf must not make any two answers equal."""
+    assert not is_correct(completion, gold, "math")
+
+
+HOSTILE = [  # (completion, gold, equal): numbers sympy would evaluate for minutes; math-verify cuts it at 5 s
+    (r"\boxed{10^{10^{10}}}", "5", False),
+    (r"\boxed{5}", r"10^{10^{10}}", False),
+    (r"\boxed{(10^{10})!}", "5", False),
+    (r"\boxed{i^{10^{10^{10}}}}", "1", False),
+    (r"\boxed{2^{10^{100}}}", r"2^{10^{100}}", True),  # the same string is still the same answer
+]
+
+
+@pytest.mark.parametrize("completion, gold, equal", HOSTILE)
+def test_answers_naming_astronomically_large_numbers_score_in_well_under_a_second(completion, gold, equal):
+    assert is_correct("The answer is: 7", "7", "math")  # math-verify's first parse warms its parser up
+    started = time.perf_counter()
+    assert is_correct(completion, gold, "math") is equal
+    assert time.perf_counter() - started < 0.5
+
+
+@pytest.mark.parametrize(
+    "completion, gold", [(r"\boxed{2^{2010}}", "2^{2010}"), (r"\boxed{5!}", "120"), (r"\boxed{10^{400}}", "10^{400}")]
+)
+def test_large_but_ordinary_powers_and_factorials_are_still_compared_by_value(completion, gold):
+    assert is_correct(completion, gold, "math")
+
+
+def test_hashes_at_the_end_of_a_line_are_the_answer():
+    text = "Each table has 3 boys, so 3 * 3 = 9.\nThus, there are 9 boys at the meeting. #### 9"
+    assert extract_answer_with_rule(text, "math") == ("9", "hashes")
+    assert is_correct(text, "9", "math") and is_correct(text, "9", "gsm8k")

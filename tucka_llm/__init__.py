@@ -5,9 +5,17 @@
 callback that calibrates its router inside any ``transformers.Trainer`` (TRL's too).
 """
 
+import logging
 from importlib import metadata
 
-from tucka_llm.tucka import (
+# bitsandbytes (imported by peft) logs, on CPUs with AVX-512 BF16 and without the optional `kernels` package, that
+# a faster CPU 4-bit kernel is unavailable, at import, before every command's own output; it then uses its own kernel,
+# which is correct. Keep that line out of the way of our commands' one-line messages.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage()
+)
+
+from tucka_llm.tucka import (  # noqa: E402  (after the filter: importing peft imports bitsandbytes)
     ExpertLoad,
     Route,
     RouteMixture,

@@ -86,17 +86,30 @@ def load_model(model: str, adapter: str | None = None, dtype: torch.dtype = torc
     return loaded.eval()
 
 
+def check_loss_arguments(args: argparse.Namespace) -> None:
+    """Refuse, before any model loads, a --limit outside 1..(the shipped test set's size) and an --output that is a
+    file, each in one line naming the flag (a DataError)."""
+    available = len(asset_path(args.task, "test.jsonl").read_text(encoding="utf-8").splitlines())
+    if isinstance(args.limit, bool) or not isinstance(args.limit, int) or not 1 <= args.limit <= available:
+        raise DataError(
+            f"--limit {args.limit}: give a number of problems from 1 to {available} (the {args.task} test set)."
+        )
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise DataError(f"--output {args.output} is a file: give a directory (an evaluation's output directory).")
+
+
 def write_held_out_loss(args: argparse.Namespace) -> dict[str, Any]:
     """``python -m tucka_llm loss`` (its arguments are in ``tucka_llm.__main__``): the held-out loss of --model (with
     --adapter) written to OUTPUT/held_out_loss.json."""
     import tucka_llm  # noqa: F401 (registers TuckA with peft before an adapter loads)
 
+    check_loss_arguments(args)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.adapter, args.model))
     batches = held_out_batches(shipped_test_records(args.task, args.limit), tokenizer)
     loss, tokens = held_out_loss(load_model(args.model, args.adapter), batches)
     record = {
         "task": args.task,
-        "problems": args.limit,
+        "problems": args.limit,  # --limit, checked to be at most the test set's size: each one was measured
         "data": f"the first {args.limit} {args.task} test problems, reference solutions in MetaMathQA form",
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,

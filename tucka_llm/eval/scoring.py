@@ -9,7 +9,8 @@ The answer of a completion is read by the first of these rules (``RULES``) that 
 3. ``final-answer``: Minerva's "Final Answer: The final answer is $X$. I hope it is correct." (also "**Final
    Answer:** X"): the rest of that line, else the next non-empty one.
 4. ``answer-heading``: PRM800K's "# Answer" line (also "## Final Answer", "**Answer**"): the next non-empty line.
-5. ``hashes``: "#### X" (GSM8K's own solutions), the last such line, unless it is a Markdown heading ("#### Step 2").
+5. ``hashes``: "#### X" (GSM8K's own solutions; also at a line's end, "... meeting. #### 9"), the last one, unless it
+   is a Markdown heading ("#### Step 2").
 6. ``answer-is``: "The answer is $X$." or "the final answer is X" without a colon, only where that sentence ends the
    completion (a closing "I hope it is correct." aside) and X does not start with two words (prose).
 7. ``fallback`` (GSM8K only): the number of the final statement, the last sentence with a number: after its last
@@ -32,6 +33,8 @@ reproduces MetaMath's own scoring for comparison.
 
 from __future__ import annotations
 
+import cmath
+import math
 import re
 import threading
 from collections import deque
@@ -48,7 +51,8 @@ _HOPE = re.compile(r"I hope it is correct", re.IGNORECASE)  # Minerva's closing 
 # [^\S\n]: a space on the same line. Quantified spaces are never next to another quantifier that also takes spaces.
 # "# Answer", "## Final Answer", "**Answer**" at the start of a line; the rest of the line is checked in Python.
 _HEADING = re.compile(r"^[^\S\n]*(?:#{1,6}[^\S\n]*|\*\*)(?:final[^\S\n]+)?answer\b", re.I | re.M)
-_HASHES = re.compile(r"^[^\S\n]*####(?!#)[^\S\n]*(\S[^\n]*)", re.MULTILINE)
+# At a line's start, or after a space within a line: Abel's "Thus, there are 9 boys at the meeting. #### 9".
+_HASHES = re.compile(r"(?:^[^\S\n]*|(?<=[^\S\n]))####(?!#)[^\S\n]*(\S[^\n]*)", re.MULTILINE)
 _ANSWER_LABEL = re.compile(r"(?:final\s+)?answer\b\s*:?", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"\bthe\s+(?:final\s+)?answer\s+is\b", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z]{2,}")  # an answer that starts with a word is a heading ("#### Step 2")
@@ -70,6 +74,8 @@ _TEXT_OR_SIGN = re.compile(r"\\?[$%]|\\text\{(?:[^{}]|\{[^{}]*\})*\}")
 # MATH's longest gold answer has 81 characters; sympy spends seconds on some strings of a few hundred.
 _MAX_MATH_VERIFY_CHARS = 500
 _TIMEOUT_SECONDS = 5  # math-verify's own default for each parse and comparison
+_MAX_DIGITS = 10_000  # a power naming a larger number is not handed to sympy (``_too_large``)
+_MAX_FACTORIAL = 3_000  # nor a factorial of a larger number (3000! has 9,131 digits)
 # Where latex2sympy2_extended's mixed-number rule ("2\frac{1}{2}" = 5/2) also adds an integer to the integer-valued
 # factor after it: "2\binom{4}{2}" (8), "\binom{30}{3}\binom{20}{2}" (4250), "2(3)" (5), "3\left(\frac12\right)" (7/2).
 _IMPLICIT_PRODUCT = re.compile(r"(?<=[\d})!])\s*(?=\\[dt]?binom\b)|(?<=[\d)])\s*(?=\(|\\left\()")
@@ -246,8 +252,11 @@ def answers_equivalent(predicted: str, gold: str) -> bool:
 
 
 def _math_verify_equal(predicted: str, gold: str) -> bool:
-    """Equal for math-verify, around its known misreadings (``_for_math_verify``, ``_complex_equal``)."""
-    if max(len(predicted), len(gold)) > _MAX_MATH_VERIFY_CHARS:
+    """Equal for math-verify, around its known misreadings (``_for_math_verify``, ``_complex_equal``).
+
+    Answers too long, or naming numbers too large for sympy to handle in well under a second (``_too_large``), are
+    not handed to it: they are equal only as normalised strings (``metamath.is_equiv``, the caller's fallback)."""
+    if max(len(predicted), len(gold)) > _MAX_MATH_VERIFY_CHARS or _too_large(predicted) or _too_large(gold):
         return False
     from math_verify import parse, verify  # imported here: sympy's import costs a second
 
@@ -256,6 +265,81 @@ def _math_verify_equal(predicted: str, gold: str) -> bool:
     if not (parsed_gold and parsed_predicted):
         return False
     return verify(parsed_gold, parsed_predicted) or _complex_equal(parsed_gold[0], parsed_predicted[0])
+
+
+def _too_large(answer: str) -> bool:
+    """Whether ``answer`` names a number with more than ``_MAX_DIGITS`` digits: a power whose exponent (a number or a
+    tower of numbers, ``10^{10^{10}}``) is that large, or a factorial of a number (or tower) above ``_MAX_FACTORIAL``.
+
+    sympy evaluates such numbers exactly, for minutes (``(10^{10})!``, ``i^{10^{10^{10}}}``), where math-verify's
+    timeout cuts it after 5 s: each answer would cost 5 s. MATH's answers name no number of even 1,000 digits."""
+    powers = (_log10_tower(exponent) > math.log10(_MAX_DIGITS) for exponent in _exponents(answer))
+    factorials = (_log10_tower(argument) > math.log10(_MAX_FACTORIAL) for argument in _factorial_arguments(answer))
+    return any(powers) or any(factorials)
+
+
+def _exponents(answer: str) -> list[str]:
+    """The exponent of every ``^`` in ``answer``: a braced group (braces matched), else the number or symbol after."""
+    found = []
+    for caret in (m.start() for m in re.finditer(r"\^", answer)):
+        rest = answer[caret + 1 :].lstrip()
+        if rest.startswith("{"):
+            group = _braced(rest)
+            if group is not None:
+                found.append(group)
+        else:
+            token = re.match(r"[-+]?\d+|\\?[A-Za-z]+|.", rest)
+            if token:
+                found.append(token.group())
+    return found
+
+
+def _factorial_arguments(answer: str) -> list[str]:
+    """What each ``!`` applies to: the number, braced group or parenthesised group just before it."""
+    found = []
+    for bang in (m.start() for m in re.finditer(r"!", answer)):
+        before = answer[:bang].rstrip()
+        number = re.search(r"\d+$", before)
+        if number:
+            found.append(number.group())
+        elif before.endswith((")", "}")):
+            opening = {")": "(", "}": "{"}[before[-1]]
+            depth, start = 0, None
+            for index in range(len(before) - 1, -1, -1):
+                depth += {before[-1]: 1, opening: -1}.get(before[index], 0)
+                if depth == 0:
+                    start = index
+                    break
+            if start is not None:
+                found.append(before[start + 1 : -1])
+    return found
+
+
+def _braced(text: str) -> str | None:
+    """The content of the brace group ``text`` starts with, braces matched; None if it is not closed."""
+    depth = 0
+    for index, char in enumerate(text):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0:
+            return text[1:index]
+    return None
+
+
+def _log10_tower(text: str) -> float:
+    """log10 of the value of ``text`` when it is a number or a power tower of numbers (``10^{10^{10}}``, braces and
+    parentheses allowed), +inf when that is astronomically large; 0 for anything else (symbols, sums: not large)."""
+    text = text.strip().strip("{}()").strip()
+    number = re.fullmatch(r"\d+", text)
+    if number:
+        return math.log10(max(int(text[:300]), 1)) + max(len(text) - 300, 0)
+    tower = re.fullmatch(r"\(?\{?(\d+)\}?\)?\s*\^\s*(.+)", text)
+    if tower is None:
+        return 0.0
+    base = math.log10(max(int(tower.group(1)[:300]), 1)) + max(len(tower.group(1)) - 300, 0)
+    exponent = _log10_tower(tower.group(2))
+    if base == 0:
+        return 0.0  # 1^n = 1
+    return math.inf if exponent > 300 else base * 10**exponent
 
 
 def _for_math_verify(answer: str) -> str:
@@ -299,6 +383,8 @@ def _complex_equal(gold: object, predicted: object) -> bool:
     try:
         first, second = timeout(_TIMEOUT_SECONDS)(lambda: (value(gold), value(predicted)))()
     except (TypeError, ValueError, OverflowError, TimeoutException):
+        return False
+    if not (cmath.isfinite(first) and cmath.isfinite(second)):  # inf - inf is nan, but inf <= inf: never equal
         return False
     return abs(first - second) <= 1e-9 * max(1.0, abs(first), abs(second))
 
