@@ -267,6 +267,42 @@ def test_a_bad_deepspeed_config_is_refused_in_one_line_before_anything_is_writte
     assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("config", "flags", "message"),
+    [
+        ({"train_micro_batch_size_per_gpu": "x"}, [], r'train_micro_batch_size_per_gpu must be "auto" or a positive'),
+        (
+            {"train_micro_batch_size_per_gpu": 7},
+            ["--micro-batch", "2", "--global-batch", "2"],
+            r"train_micro_batch_size_per_gpu is 7, but --micro-batch gives 2: set it",
+        ),
+        ({"gradient_accumulation_steps": 3}, ["--global-batch", "4"], r"gradient_accumulation_steps is 3, but --grad"),
+        ({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, [], r"fp16 is enabled, but this launcher trains in"),
+        ({"bf16": {"enabled": True}}, ["--precision", "fp32"], r"bf16 is enabled, but --precision is fp32"),
+        ({"gradient_clipping": "high"}, [], r'gradient_clipping must be "auto" or a number'),
+    ],
+)
+def test_a_deepspeed_config_that_contradicts_the_flags_is_refused_before_the_model_loads(
+    tiny_model, tmp_path, config, flags, message
+):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, **config}))
+    with pytest.raises(RunError, match=rf"^--ds {ds}: {message}") as refused:
+        run(tiny_model, tmp_path / "out", "--data", "gsm8k-train", "--ds", str(ds), *flags)
+    assert "\n" not in str(refused.value) and not (tmp_path / "out").exists()
+
+
+def test_train_py_with_ds_but_without_the_deepspeed_launcher_runs_as_one_rank(tiny_model, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    command = [sys.executable, "launch/train.py", "--ds", "ds_configs/zero2.json", "--model", str(tiny_model),
+               "--data", "gsm8k-train", "--num-examples", "8", "--max-len", "64", "--max-steps", "2", "--micro-batch",
+               "2", "--global-batch", "4", "--precision", "fp32", "--r", "4", "--k", "3", "--alpha", "8",
+               "--output", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "running as one rank" in result.stderr and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
 def test_an_unknown_lr_scheduler_is_refused_before_anything_is_written(capsys):
     with pytest.raises(SystemExit):
         parse_options(["--lr-scheduler", "bogus"])

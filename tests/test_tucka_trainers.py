@@ -87,12 +87,15 @@ def test_trl_sft_trains_tucka_and_its_adapter_exports_serves_routed_and_evaluate
     output = tmp_path / "trl"
     flags = ["--model", str(tiny_model), "--output", str(output), "--num-examples", "8", "--max-steps", "20"]
     flags += ["--lr", "1e-2", "--batch-size", "2", "--max-length", "128"]
+    port = free_port()
     if ranks == 1:
         command = [sys.executable, "examples/trl_sft.py", *flags]
     else:
-        command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "examples/trl_sft.py"]
+        command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(port), "examples/trl_sft.py"]
         command += [*flags, "--deepspeed", "ds_configs/zero2.json"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    for leaked in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):  # DeepSpeed's CPU all-reduce
+        leaked.unlink()  # never unlinks its buffers (our launcher does: training/run.py); TRL's run does not
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
 

@@ -101,7 +101,9 @@ def gradient_accumulation(options: TrainOptions, world_size: int) -> int:
     return global_batch // per_step
 
 
-def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
+def load_ds_config(options: TrainOptions, world_size: int = 1, grad_accum: int = 1) -> dict[str, Any] | None:
+    """The --ds config, checked against DeepSpeed's schema and against the flags (``check_ds_config``,
+    ``check_ds_against_flags``) before anything is loaded or written; None without --ds."""
     if options.optim == "adamw_8bit" and (missing := bitsandbytes_missing("--optim adamw_8bit")):
         raise RunError(missing)
     if options.quantize is not None and (missing := bitsandbytes_missing(f"--quantize {options.quantize}")):
@@ -115,6 +117,7 @@ def load_ds_config(options: TrainOptions) -> dict[str, Any] | None:
     except UnicodeDecodeError as error:
         raise RunError(f"--ds {options.ds}: not UTF-8 text ({error.reason} at byte {error.start}).") from error
     check_ds_config(config, options.ds)
+    check_ds_against_flags(config, options, world_size, grad_accum)
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
     if offload and options.optim == "adamw_8bit":
         raise RunError(f"--optim adamw_8bit cannot run with the optimizer offloaded to the CPU by --ds {options.ds}.")
@@ -143,6 +146,50 @@ def check_ds_config(config: Any, path: str) -> None:
             for e in error.errors()
         )
         raise RunError(f"--ds {path}: zero_optimization is not valid for DeepSpeed: {problems}.") from None
+
+
+def check_ds_against_flags(config: dict[str, Any], options: TrainOptions, world_size: int, grad_accum: int) -> None:
+    """The batch sizes, clipping and precision of a DeepSpeed config must be "auto" (the launcher fills them from its
+    flags) or agree with the flags: HF's Trainer finds a disagreement only after the model is loaded and calibrated.
+    Each refusal names the key, its value and the flag it contradicts."""
+    expected = {
+        "train_micro_batch_size_per_gpu": (options.micro_batch, "--micro-batch"),
+        "gradient_accumulation_steps": (grad_accum, "--grad-accum"),
+        "train_batch_size": (options.micro_batch * world_size * grad_accum, "--global-batch"),
+    }
+    for key, (value, flag) in expected.items():
+        given = config.get(key, "auto")
+        if given == "auto":
+            continue
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise RunError(f'--ds {options.ds}: {key} must be "auto" or a positive integer, got {json.dumps(given)}.')
+        if given != value:
+            raise RunError(
+                f'--ds {options.ds}: {key} is {given}, but {flag} gives {value}: set it to "auto" (the launcher fills '
+                f"it from its flags) or change {flag}."
+            )
+    clipping = config.get("gradient_clipping", "auto")
+    if clipping != "auto" and (isinstance(clipping, bool) or not isinstance(clipping, int | float) or clipping < 0):
+        raise RunError(
+            f'--ds {options.ds}: gradient_clipping must be "auto" or a number >= 0, got {json.dumps(clipping)}.'
+        )
+    enabled = {}
+    for section in ("bf16", "fp16"):
+        part = config.get(section, {})
+        value = part.get("enabled", False) if isinstance(part, dict) else part
+        if value not in (True, False, "auto"):
+            raise RunError(
+                f'--ds {options.ds}: {section}.enabled must be true, false or "auto", got {json.dumps(value)}.'
+            )
+        enabled[section] = value
+    if enabled["fp16"] is True:
+        raise RunError(f"--ds {options.ds}: fp16 is enabled, but this launcher trains in bf16 or fp32 (--precision): "
+                       'set fp16.enabled to false and bf16.enabled to "auto".')  # fmt: skip
+    if enabled["bf16"] is True and options.precision != "bf16":
+        raise RunError(
+            f'--ds {options.ds}: bf16 is enabled, but --precision is {options.precision}: set bf16.enabled to "auto" '
+            "(the launcher fills it from --precision) or pass --precision bf16."
+        )
 
 
 def _zero_stage(ds_config: dict[str, Any] | None) -> int:
@@ -227,6 +274,20 @@ def main_process_first(rank: int) -> Iterator[None]:
             dist.barrier()
 
 
+def _one_rank_without_launcher() -> None:
+    """``python launch/train.py --ds ...`` without DeepSpeed's launcher: set up the environment the launcher would
+    give a single rank, so that DeepSpeed starts one process group of one rank (it would otherwise look for MPI)."""
+    if "RANK" in os.environ:
+        return
+    from tucka_llm.stages import free_port
+
+    os.environ.update(
+        {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(free_port())}
+    )  # fmt: skip
+    logger.info("no distributed launcher: running as one rank (start it with `deepspeed` for several)")
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -297,7 +358,7 @@ def train(options: TrainOptions) -> Path | None:
     _setup_logging(rank)
     output = Path(options.output)
     grad_accum = gradient_accumulation(options, world_size)
-    ds_config = load_ds_config(options)
+    ds_config = load_ds_config(options, world_size, grad_accum)
     if world_size > 1 and ds_config is None:
         raise RunError("Several ranks need DeepSpeed: pass --ds ds_configs/zero2.json (or another config).")
     # Rank 0 holds --output's lock for the whole run (the other ranks write only what rank 0 lets them, after
@@ -317,6 +378,7 @@ def _train(
     if ds_config is not None:
         import deepspeed
 
+        _one_rank_without_launcher()
         deepspeed.init_distributed()
     _barrier()  # rank 0 accepted the output directory (and every rank mapped its peers' shared memory)
     if rank != 0:
