@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TUCKA_CONFIG, save_adapter
 
 import tucka_llm
 from tucka_llm.__main__ import main as tucka_main
@@ -295,3 +296,24 @@ def test_the_loss_command_refuses_an_output_that_is_a_file(tmp_path):
     (tmp_path / "out").write_text("x")
     with pytest.raises(SystemExit, match=r"--output .* is a file: give a directory"):
         tucka_main(["loss", "--model", str(tmp_path / "no-model"), "--output", str(tmp_path / "out"), "--limit", "2"])
+
+
+def test_a_merged_model_with_the_adapter_it_holds_is_refused_naming_both(merged_tiny, adapters, tmp_path):
+    options = EvalOptions(
+        task="gsm8k", model=str(merged_tiny), adapter=str(adapters["tucka"]), data="gsm8k", limit=1, backend="hf",
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    with pytest.raises(EvalError, match=r"already holds --adapter .* merged \(tucka_export\.json names it\)"):
+        evaluate(options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gate_levels_for_a_redraw_adapter_are_refused_as_export_refuses_them(tiny_model, tokenizer, tmp_path):
+    config = tucka_llm.TuckAConfig(**TUCKA_CONFIG, router="redraw", task_type="CAUSAL_LM")
+    adapter = save_adapter(tmp_path / "redraw", tiny_model, config, tokenizer)
+    options = EvalOptions(
+        task="gsm8k", model=str(tiny_model), adapter=str(adapter), data="gsm8k", limit=1, backend="hf",
+        gate_levels=5, output=str(tmp_path / "out"),
+    )  # fmt: skip
+    with pytest.raises(EvalError, match=r"router is 'redraw', whose routes are random draws.*drop --gate-levels"):
+        evaluate(options)

@@ -206,11 +206,11 @@ def test_centroid_route_is_refused_for_the_centred_router_and_folds_the_centroid
 
 
 def test_explicit_route_is_folded_as_given(adapters, tiny_model, tokenizer, tmp_path):
-    export_merged(adapters["tucka"], tmp_path / "merged", route="group:2:0.25,0.75", dtype="float32")
+    export_merged(adapters["tucka"], tmp_path / "merged", route="group:2:0.35,0.65", dtype="float32")
     record = json.loads((tmp_path / "merged" / "tucka_route.json").read_text())
-    assert (record["group"], record["gates"], record["chosen_by"]) == (2, [0.25, 0.75], "explicit gates (--route)")
+    assert (record["group"], record["gates"], record["chosen_by"]) == (2, [0.35, 0.65], "explicit gates (--route)")
     model = adapter_model(tiny_model, adapters["tucka"])
-    with tucka_llm.routing(model, tucka_llm.Route(2, [0.25, 0.75])):
+    with tucka_llm.routing(model, tucka_llm.Route(2, [0.35, 0.65])):
         expected = logits(model, tokenizer)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert relative_error(logits(merged, tokenizer), expected) <= 1e-5
@@ -342,6 +342,9 @@ def test_base_of_other_shapes_is_refused_naming_both(adapters, tmp_path):
         ("group:0:0.5,nan", "every gate must be a finite number >= 0"),
         ("group:0:0.5,-1", "every gate must be a finite number >= 0"),
         ("group:one", "group 'one' is not an integer"),
+        ("group:0:5,1", r"group:I:5,1: this router's gates lie in \[0\.3223, 0\.6777\] \(t=2\); no input takes"),
+        ("group:0:1e308,1e308", r"this router's gates lie in \[0\.3223, 0\.6777\]"),
+        ("group:0:0.4,0.4", r"this router's gates sum to 1; these sum to 0\.8"),
         ("groups:1", "unknown route"),
     ],
 )

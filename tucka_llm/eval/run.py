@@ -27,6 +27,7 @@ from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, 
 from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
 from tucka_llm.export.lora import adapter_digest, export_lora
+from tucka_llm.export.merge import EXPORT_RECORD
 from tucka_llm.export.route import ExportError
 from tucka_llm.locking import exclusive_directory
 from tucka_llm.serving.requests import LoRARequests, RoutedRequests
@@ -37,6 +38,7 @@ from tucka_llm.serving.routed_lora import (
     RoutedLoRAError,
     check_gate_levels,
 )
+from tucka_llm.tucka.router import ROUTERS
 from tucka_llm.tucka.routing import ExpertLoad
 
 # MetaMath's evaluation conventions (method note, section 6).
@@ -204,6 +206,14 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     return summary
 
 
+def _merged_adapter(model: Path) -> Path | None:
+    """The adapter a merged checkpoint was exported from (its ``tucka_export.json``), if it records one."""
+    try:
+        return Path(json.loads((model / EXPORT_RECORD).read_text(encoding="utf-8"))["adapter"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def check_model(options: EvalOptions) -> None:
     """A local model directory must hold weights and a tokenizer; an adapter its config and weights."""
     model = Path(options.model)
@@ -222,10 +232,22 @@ def check_model(options: EvalOptions) -> None:
         return
     if not (Path(options.adapter) / "adapter_config.json").is_file():
         raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
+    merged_from = _merged_adapter(model)
+    if merged_from is not None and merged_from == Path(options.adapter).resolve():
+        raise EvalError(
+            f"--model {model} already holds --adapter {options.adapter} merged ({EXPORT_RECORD} names it): the "
+            "update would apply twice. Evaluate the merged model without --adapter, or pass the base with --adapter."
+        )
     method = options.adapter_method()
     if options.gate_levels is not None:
         if method != "tucka":
             raise EvalError(f"--gate-levels applies to TuckA adapters; {options.adapter} holds a {method} adapter.")
+        router = saved_adapter_config(Path(options.adapter)).router
+        if ROUTERS[router].draws_routes:
+            raise EvalError(
+                f"--gate-levels: the adapter's router is '{router}', whose routes are random draws, so it has no "
+                "served routes to quantise (launch/export.py --format lora refuses it too); drop --gate-levels."
+            )
         try:
             check_gate_levels(options.gate_levels)
         except RoutedLoRAError as error:

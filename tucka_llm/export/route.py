@@ -198,6 +198,20 @@ def no_calibration_error(what: str, rule: str, adapter_dir: Path) -> ExportError
     )
 
 
+def check_gates_reachable(gates: tuple[float, ...], router: TuckARouter) -> None:
+    """Explicit gates must be gates the router can produce (each within ``gate_range``; summing to 1 when it
+    normalises them): a fold of gates no input takes serves no input as the adapter would."""
+    low, high = router.gate_range()
+    shown = ",".join(f"{g:g}" for g in gates)
+    if not all(low - 1e-6 <= g <= high + 1e-6 for g in gates):
+        raise ExportError(
+            f"--route group:I:{shown}: this router's gates lie in [{low:.4f}, {high:.4f}] (t={router.t}); no input "
+            "takes these. Give gates in that range, or --route group:I for the group's mean calibration gates."
+        )
+    if router.normalize_gates and abs(sum(gates) - 1) > 1e-6:
+        raise ExportError(f"--route group:I:{shown}: this router's gates sum to 1; these sum to {sum(gates):g}.")
+
+
 def choose_route(
     model: nn.Module, spec: RouteSpec, adapter_dir: Path, features_from_data: FeaturesFromData | None
 ) -> ChosenRoute:
@@ -216,6 +230,8 @@ def choose_route(
         raise ExportError(f"--route: group {spec.group} is out of range; this adapter has k={k} groups: 0..{k - 1}.")
     if spec.kind == "explicit" and len(spec.gates) != t:
         raise ExportError(f"--route: {len(spec.gates)} gates given, but each group has t={t} experts: give {t}.")
+    if spec.kind == "explicit":
+        check_gates_reachable(spec.gates, router)
     if spec.kind == "centroid" and router.degenerate_at_centre:
         raise ExportError(
             f"--route centroid: under the {router.kind} router the calibration centroid's route is degenerate (h - "
