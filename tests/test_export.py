@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -452,6 +453,10 @@ def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_lin
     with pytest.raises(EvalError, match=r"^--adapter .* does not fit --model .*wider: .*Pass the base model") as e:
         HFBackend(str(tmp_path / "wider"), adapter=str(adapters["lora"]))
     assert "\n" not in str(e.value)
+    # the first differing tensor named whole, with both shapes, not the last 300 characters of torch's report
+    assert re.search(
+        r": its \S+lora_A\S* has shape \[8, 64\], the base needs \[8, 128\] \(\d+ more tensors", str(e.value)
+    )
     corrupt = tmp_path / "corrupt"
     shutil.copytree(adapters["lora"], corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")

@@ -44,10 +44,10 @@ def load_checked_adapter(model: PreTrainedModel, adapter: Path, base_flag: str) 
         text = " ".join(str(error).split())
         if "size mismatch" in text or "shape" in text or "not found" in text.lower():
             raise AdapterLoadError(
-                f"--adapter {adapter} does not fit {base}: {text[-300:]} Pass the base model the adapter was "
+                f"--adapter {adapter} does not fit {base}: {_mismatch(text)} Pass the base model the adapter was "
                 "trained on."
             ) from error
-        raise AdapterLoadError(f"--adapter {adapter}: could not load it onto {base} ({text[-300:]}).") from error
+        raise AdapterLoadError(f"--adapter {adapter}: could not load it onto {base} ({_shortened(text)}).") from error
     # A method may load an older layout of its weights (TuckA's router keys); compare in the current one.
     tuner = peft.mapping.PEFT_TYPE_TO_TUNER_MAPPING[loaded.peft_config[loaded.active_adapter].peft_type]
     upgrade = getattr(tuner, "upgrade_state_dict", None)
@@ -102,3 +102,27 @@ def _layers(keys: set[str]) -> str:
     if numbers:
         return "layers " + ", ".join(map(str, numbers))
     return ", ".join(sorted(keys)[:3])
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[[^\]]*\])\) from checkpoint, the shape "
+    r"in current model is torch\.Size\((\[[^\]]*\])\)"
+)
+
+
+def _mismatch(text: str) -> str:
+    """torch's size-mismatch report said briefly, essential part first: the first tensor whose shape differs, both
+    shapes, and how many more differ; any other report shortened at a word (``_shortened``)."""
+    found = _SIZE_MISMATCH.findall(text)
+    if not found:
+        return _shortened(text)
+    name, saved, needed = found[0]
+    more = f" ({len(found) - 1} more tensors differ)" if len(found) > 1 else ""
+    return f"its {name} has shape {saved}, the base needs {needed}{more}."
+
+
+def _shortened(text: str, limit: int = 300) -> str:
+    """``text`` whole when short, else its first ``limit`` characters cut at a space, with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " ..."
