@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -13,6 +14,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+import transformers
 from conftest import PROMPTS, TUCKA_CONFIG, save_adapter
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -485,3 +487,27 @@ def test_a_merge_that_overflows_the_export_dtype_is_refused_and_a_non_finite_mod
         EvalError, match=r"^--model .*broken-model: 1 weights hold NaN or inf values \(model\.layers\.1"
     ):
         HFBackend(str(broken))
+
+
+FULL = 'message: "No space left on device"'
+
+
+@pytest.mark.parametrize("form", ["merged", "lora"])
+def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_partial(adapters, tmp_path, monkeypatch, form):
+    from safetensors import SafetensorError
+
+    from tucka_llm.export import cli, lora
+
+    def full(*args, **kwargs):
+        if form == "merged":
+            raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, {FULL} }})")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = (transformers.PreTrainedModel, "save_pretrained") if form == "merged" else (lora, "save_file")
+    monkeypatch.setattr(*target, full)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--adapter", str(adapters["tucka"]), "--out", str(out), "--format", form])
+    assert str(stop.value).startswith(f"error: no space left on the device of --out {out}")
+    assert "\n" not in str(stop.value) and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary directory left either

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -368,3 +369,30 @@ def test_an_output_that_is_a_file_is_refused_in_one_line(tiny_model, tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(OutputInUse, match=rf"^--output {tmp_path / 'out'}: is a file, not a directory; give a dir"):
         run(tiny_model, tmp_path / "out", "--data", "gsm8k-train")
+
+
+def test_a_full_disk_during_training_is_one_line_and_the_run_resumes(tiny_model, tmp_path, monkeypatch):
+    """The disk fills while the second checkpoint is written: one line saying to free space and --resume; the
+    first, complete checkpoint is what --resume continues from."""
+    import runpy
+
+    original = RunTrainer._save_checkpoint
+
+    def fills_at_step_2(self, model, trial):
+        if self.state.global_step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, model, trial)
+
+    monkeypatch.setattr(RunTrainer, "_save_checkpoint", fills_at_step_2)
+    output = tmp_path / "out"
+    flags = ["--model", str(tiny_model), "--output", str(output), "--r", "4", "--k", "3", "--alpha", "8",
+             "--max-steps", "3", "--global-batch", "1", "--precision", "fp32", "--save-steps", "1",
+             "--data", "gsm8k-train", "--num-examples", "4", "--max-len", "256"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["launch/train.py", *flags])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(ROOT / "launch" / "train.py"), run_name="__main__")
+    assert str(stop.value).startswith(f"error: no space left on the device of --output {output}")
+    assert "--resume" in str(stop.value) and "\n" not in str(stop.value)
+    monkeypatch.setattr(RunTrainer, "_save_checkpoint", original)
+    train(parse_options([*flags, "--resume"]))
+    assert (output / "adapter_model.safetensors").is_file()

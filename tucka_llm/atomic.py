@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,6 +28,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether ``error`` reports a full disk or quota: an OSError (ENOSPC, EDQUOT), or safetensors' error, which
+    carries the OS error in its message ("No space left on device (os error 28)")."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text
 
 
 def _umask() -> int:
