@@ -317,3 +317,16 @@ def test_gate_levels_for_a_redraw_adapter_are_refused_as_export_refuses_them(tin
     )  # fmt: skip
     with pytest.raises(EvalError, match=r"router is 'redraw', whose routes are random draws.*drop --gate-levels"):
         evaluate(options)
+
+
+def test_an_evaluation_refused_when_its_model_loads_leaves_nothing_behind(adapters, tiny_model, tmp_path):
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(adapters["lora"], corrupt)
+    (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    options = EvalOptions(
+        task="gsm8k", model=str(tiny_model), adapter=str(corrupt), data="gsm8k", limit=1, backend="hf",
+        output=str(tmp_path / "out"),
+    )  # fmt: skip
+    with pytest.raises(EvalError, match="not a readable safetensors file"):
+        evaluate(options)
+    assert not (tmp_path / "out").exists()  # neither eval_settings.json nor an empty directory

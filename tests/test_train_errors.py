@@ -396,3 +396,11 @@ def test_a_full_disk_during_training_is_one_line_and_the_run_resumes(tiny_model,
     monkeypatch.setattr(RunTrainer, "_save_checkpoint", original)
     train(parse_options([*flags, "--resume"]))
     assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_a_run_refused_after_taking_its_output_leaves_no_empty_directory(tiny_model, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"query": "1+1?"}\n')
+    with pytest.raises(DataError):
+        run(tiny_model, tmp_path / "out", "--data", str(data))
+    assert not (tmp_path / "out").exists()

@@ -10,6 +10,7 @@ so two processes never both hold the lock of one path. A killed holder leaves th
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
     OutputInUse naming ``what`` (e.g. "--output runs/x") and the holder's pid if another process holds it."""
     if lock.parent.exists() and not lock.parent.is_dir():
         raise OutputInUse(f"{what}: is a file, not a directory; give a directory.")
+    created = not lock.parent.exists()
     lock.parent.mkdir(parents=True, exist_ok=True)
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
@@ -50,6 +52,9 @@ def exclusive(lock: Path, what: str) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)  # while still holding it: see the module's docstring
         os.close(fd)  # releases the lock
+        if created:  # a run refused before writing anything leaves no empty directory behind
+            with contextlib.suppress(OSError):  # not empty (the work it holds), or removed already
+                lock.parent.rmdir()
 
 
 def _names(path: Path, fd: int) -> bool:

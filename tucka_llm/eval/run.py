@@ -179,6 +179,8 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     started = time.perf_counter()
     if todo:
         backend = make_backend(options, output)
+        if not records:  # recorded once the model loaded: a refused run leaves no settings behind
+            atomic_write_json(output / SETTINGS, json.loads(json.dumps(options.settings())))
         sampling = options.sampling
         with (
             (output / RESPONSES).open("a", encoding="utf-8") as sink,
@@ -264,7 +266,8 @@ def check_model(options: EvalOptions) -> None:
 
 
 def check_settings(output: Path, settings: dict[str, Any], has_results: bool) -> None:
-    """Record the settings of a new output directory; refuse to resume one made with different settings.
+    """Refuse to resume an output directory made with different settings (a new one records them once its model
+    has loaded: ``_evaluate``).
 
     A directory without results (a run that failed before its first chunk) takes the new settings: it holds no
     work they could mix with.
@@ -279,8 +282,6 @@ def check_settings(output: Path, settings: dict[str, Any], has_results: bool) ->
                 f"--output {output} holds an evaluation with other settings ({', '.join(changed)} differ): "
                 "pass another --output, or delete it to start over."
             )
-    else:
-        atomic_write_json(path, settings)
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
