@@ -209,3 +209,36 @@ def test_a_directory_that_is_neither_a_run_nor_an_eval_is_refused_in_one_line(di
     assert result.stderr.startswith(f"error: {tmp_path / 'empty'} has neither run_config.json nor summary.json")
     assert "expected a training run directory" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def two_route_logs(groups_of_step) -> list[dict]:
+    """Logged steps of 2 routes (micro-batches) each, as RunTrainer writes them, with 4 groups."""
+    records = []
+    for step in range(1, 41):
+        counts = [0, 0, 0, 0]
+        for group in groups_of_step(step):
+            counts[group] += 1
+        shares = [c / 2 for c in counts]
+        records.append(
+            {"step": step, "routing_entropy": report.entropy_of(shares)}
+            | {f"expert_load/group{i}": s for i, s in enumerate(shares)}
+            | {f"expert_routes/group{i}": c for i, c in enumerate(counts)}
+        )
+    return records
+
+
+def test_a_balanced_router_reads_as_balanced_though_each_log_holds_two_routes(tmp_path):
+    balanced = two_route_logs(lambda step: ((2 * step) % 4, (2 * step + 1) % 4))
+    assert max(r["routing_entropy"] for r in balanced) <= math.log(2) + 1e-9  # one log alone can never show ln 4
+    _, counts = report.route_counts(balanced)
+    assert report.entropy_of(report.windowed_loads(counts, None)[-1]) == pytest.approx(math.log(4))
+    rolling = [report.entropy_of(s) for s in report.windowed_loads(counts, report.ROLLING_ROUTES)]
+    assert min(rolling[2:]) >= 0.95 * math.log(4)
+    assert report.routing_cell(balanced) == "0.25/0.25/0.25/0.25, H 1.39 of ln 4 = 1.39"
+
+    collapsed = two_route_logs(lambda step: (0, 0))
+    assert report.routing_cell(collapsed) == "1.00/0.00/0.00/0.00, H 0.00 of ln 4 = 1.39"
+    run = make_run(tmp_path / "tucka-balanced", {"method": "tucka", "r": 4, "k": 4}, balanced, None)
+    rows = table_rows(report.write_report([run], tmp_path / "out")[0])
+    assert rows["tucka-balanced"]["routing (whole run)"] == "0.25/0.25/0.25/0.25, H 1.39 of ln 4 = 1.39"
+    assert rows.get("tucka-balanced") and (tmp_path / "out" / "tucka-balanced_routing_entropy.png").is_file()

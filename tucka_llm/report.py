@@ -48,9 +48,11 @@ COLUMNS = (
     "GSM8K",
     "MATH",
     "held-out loss",
+    "routing (whole run)",
     "wall time",
 )
 EXPERT_LOAD_KEY = re.compile(r"expert_load/group(\d+)")
+ROLLING_ROUTES = 64  # the rolling window of the routing plots, in routes (micro-batches)
 DPI = 120
 
 
@@ -280,6 +282,7 @@ def table_row(row: Row, label: str) -> list[str]:
         MISSING if memory is None else f"{memory:.2f}",
         *(accuracy_cell(row.evaluations, task) for task in TASKS),
         held_out_cell(row.evaluations),
+        routing_cell(records),
         format_duration(wall_seconds(records)) if run else MISSING,
     ]
 
@@ -305,17 +308,65 @@ def loss_figure(runs: list[tuple[str, Run]]) -> Figure | None:
     return fig
 
 
+def route_counts(records: list[dict[str, Any]]) -> tuple[list[float], list[list[float]]]:
+    """(steps, counts per logged step and group): the routes each group took since the previous log. Runs that
+    logged shares only (``expert_load/groupI``, before route counts were logged) count each log as one route
+    spread by its shares."""
+    groups = expert_groups(records)
+    steps, counts = [], []
+    for record in records:
+        routes = [record.get(f"expert_routes/group{g}") for g in groups]
+        if not all(_is_number(c) for c in routes):
+            routes = [record.get(f"expert_load/group{g}") for g in groups]
+        if groups and _is_number(record.get("step")) and all(_is_number(c) for c in routes):
+            steps.append(record["step"])
+            counts.append([float(c) for c in routes])
+    return steps, counts
+
+
+def windowed_loads(counts: list[list[float]], window: float | None) -> list[list[float]]:
+    """Per logged step, each group's share of the routes in the window that ends there: all routes so far
+    (``window`` None, cumulative) or about the last ``window`` routes (whole logs, from the newest back)."""
+    shares = []
+    for end in range(len(counts)):
+        total = [0.0] * len(counts[end])
+        start = end
+        while start >= 0:
+            total = [t + c for t, c in zip(total, counts[start], strict=True)]
+            start -= 1
+            if window is not None and sum(total) >= window:
+                break
+        routes = sum(total)
+        shares.append([t / routes if routes else 0.0 for t in total])
+    return shares
+
+
+def entropy_of(shares: list[float]) -> float:
+    """Entropy (nats) of a load: 0 when one group takes everything, ln k when it is uniform."""
+    return sum(-s * math.log(s) for s in shares if s > 0)
+
+
+def routing_cell(records: list[dict[str, Any]]) -> str:
+    """The whole run's group shares and routing entropy, e.g. ``0.26/0.24/0.25/0.25, H 1.38 of ln 4 = 1.39``."""
+    _, counts = route_counts(records)
+    if not counts:
+        return MISSING
+    (shares,) = windowed_loads(counts, None)[-1:]
+    k = len(shares)
+    return f"{'/'.join(f'{s:.2f}' for s in shares)}, H {entropy_of(shares):.2f} of ln {k} = {math.log(k):.2f}"
+
+
 def expert_load_figure(label: str, run: Run) -> Figure | None:
-    """Share of routes each expert group took over training, stacked (the paper's Figure 4); None without a load."""
-    groups = expert_groups(run.metrics)
-    keys = [f"expert_load/group{g}" for g in groups]
-    records = [r for r in run.metrics if all(_is_number(r.get(key)) for key in ["step", *keys])]
-    if not groups or not records:
+    """Each expert group's share of all routes so far (cumulative), stacked (the paper's Figure 4); None without a
+    load. One logging step holds few routes (its share jumps between 0 and 1), so the shares are taken over all
+    routes up to each step: a balanced router reads as balanced, a collapsed one as collapsed."""
+    steps, counts = route_counts(run.metrics)
+    if not steps:
         return None
-    steps = [r["step"] for r in records]
-    shares = [[r[key] for r in records] for key in keys]
+    groups = expert_groups(run.metrics)
+    shares = list(zip(*windowed_loads(counts, None), strict=True))
     names = [f"group {g}" for g in groups]
-    fig, ax = _figure(f"{label}: expert-group load", "share of routes")
+    fig, ax = _figure(f"{label}: expert-group load (share of all routes so far)", "share of routes")
     if len(steps) > 1:
         ax.stackplot(steps, shares, labels=names, alpha=0.85)
     else:  # one logged step: an area needs two, so draw the stack as one bar
@@ -335,17 +386,22 @@ def expert_groups(records: list[dict[str, Any]]) -> list[int]:
 
 
 def routing_entropy_figure(label: str, run: Run) -> Figure | None:
-    """Routing entropy against step, with ln k, the entropy of a uniform load; None for a run without routing."""
-    steps, entropy = series(run.metrics, "routing_entropy")
+    """Routing entropy of the group load over all routes so far and over the last ``ROLLING_ROUTES`` routes, with
+    ln k (a uniform load); None for a run without routing. The entropy of one logging step's few routes cannot
+    reach ln k (2 routes: at most ln 2), so it is not what is plotted."""
+    steps, counts = route_counts(run.metrics)
     if not steps:
         return None
-    k = run.config.get("options", {}).get("k") or len(expert_groups(run.metrics))
+    k = len(counts[0])
     fig, ax = _figure(f"{label}: routing entropy", "routing entropy (nats)")
-    ax.plot(steps, entropy, marker=_marker(steps), label="routing entropy")
-    uniform = math.log(k) if k else None
+    cumulative = [entropy_of(s) for s in windowed_loads(counts, None)]
+    rolling = [entropy_of(s) for s in windowed_loads(counts, ROLLING_ROUTES)]
+    ax.plot(steps, cumulative, marker=_marker(steps), label="all routes so far")
+    ax.plot(steps, rolling, marker=_marker(steps), label=f"last {ROLLING_ROUTES} routes")
+    uniform = math.log(k) if k > 1 else None
     if uniform is not None:
         ax.axhline(uniform, color="grey", linestyle="--", label=f"uniform load (ln k = ln {k} = {uniform:.2f})")
-    ax.set_ylim(0, 1.1 * max([*entropy, uniform or 0.0]) or 1.0)  # from 0: a collapsed router shows as such
+    ax.set_ylim(0, 1.1 * max([*cumulative, *rolling, uniform or 0.0]) or 1.0)  # from 0: a collapse shows as such
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: inside, it hid a collapsed router's points
     return fig
 

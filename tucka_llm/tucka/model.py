@@ -267,9 +267,10 @@ def expert_load(model: nn.Module, reset: bool = True) -> dict[str, ExpertLoad]:
 
 
 def routing_metrics(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-    """Training-log entries of every TuckA adapter since the last call: ``routing_entropy`` and
-    ``expert_load/group{i}`` (prefixed ``{adapter}/`` for adapters other than "default"); {} for a model without
-    TuckA. ``reduce`` sums a tensor over data-parallel ranks (every rank must call this)."""
+    """Training-log entries of every TuckA adapter since the last call: ``routing_entropy``, ``expert_load/group{i}``
+    (shares) and ``expert_routes/group{i}`` (route counts, so that a report can sum any window of logs), prefixed
+    ``{adapter}/`` for adapters other than "default"; {} for a model without TuckA. ``reduce`` sums a tensor over
+    data-parallel ranks (every rank must call this)."""
     out: dict[str, float] = {}
     for name, state in routing_states(model, missing_ok=True).items():
         counts, gates = state.load_sums(reset=True)
@@ -278,4 +279,6 @@ def routing_metrics(model: nn.Module, reduce: Callable[[torch.Tensor], torch.Ten
         prefix = "" if name == "default" else f"{name}/"
         out[f"{prefix}routing_entropy"] = load.entropy
         out |= {f"{prefix}expert_load/group{i}": f for i, f in enumerate(load.fraction)}
+        # route counts: a report sums any window of logs with them (a share per log cannot be summed)
+        out |= {f"{prefix}expert_routes/group{i}": c for i, c in enumerate(load.counts)}
     return out
