@@ -35,7 +35,9 @@ class RunTrainer(Trainer):
     ``log`` adds tokens/s (non-padding tokens, all ranks), peak memory per rank and the adapter's routing metrics
     (``routing_metrics``: for TuckA the expert-group load and routing entropy, summed over ranks), then appends the
     record to ``metrics.jsonl`` on rank 0.
-    ``_save_checkpoint`` marks a checkpoint complete only after every rank has written its part.
+    ``_save_checkpoint`` marks a checkpoint complete only after every rank has written its part, which includes the
+    loss summed since the previous log (``LOSS_WINDOW``): a resumed run's first log then averages the same steps an
+    uninterrupted run's does (HF's Trainer restarts that sum at zero).
     """
 
     def __init__(self, *args: Any, metrics_path: Path, save_total_limit: int, **kwargs: Any) -> None:
@@ -43,6 +45,15 @@ class RunTrainer(Trainer):
         self.metrics_path = metrics_path
         self.keep_checkpoints = save_total_limit
         self._clock: tuple[float, int] | None = None  # (time, tokens seen) at the previous training log
+        self._resumed_from: Path | None = None
+        self.add_callback(_RestoreLossWindow(self))
+
+    def train(self, resume_from_checkpoint: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        self._resumed_from = None if resume_from_checkpoint is None else Path(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _loss_window_path(self, checkpoint: Path) -> Path:
+        return checkpoint / LOSS_WINDOW.format(rank=self.args.process_index)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training-step log (not the end-of-run summary)
@@ -78,12 +89,38 @@ class RunTrainer(Trainer):
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        window = {"loss_sum": float(self._tr_loss), "last_logged_step": self._globalstep_last_logged}
+        atomic_write_json(self._loss_window_path(folder), window)  # every rank: its own loss, before the marker
         self.accelerator.wait_for_everyone()  # every rank's shards are on disk
         if self.is_world_process_zero():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             sync_files(folder)  # the shards are on disk before the marker says they are complete
             checkpoints.mark_complete(folder, self.state.global_step)
             checkpoints.rotate(Path(self.args.output_dir), self.keep_checkpoints)
+
+
+LOSS_WINDOW = "loss_since_last_log_rank{rank}.json"  # in each checkpoint, one per rank (RunTrainer)
+
+
+class _RestoreLossWindow(TrainerCallback):
+    """On a resumed run, put back the loss summed since the last log before the checkpoint, and that log's step,
+    where HF's Trainer has just set them to zero and the checkpoint's step (private attributes of transformers
+    5.x's Trainer, ``_tr_loss`` and ``_globalstep_last_logged``: a checkpoint without the file resumes as HF does)."""
+
+    def __init__(self, trainer: RunTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        trainer = self.trainer
+        if trainer._resumed_from is None:
+            return
+        path = trainer._loss_window_path(trainer._resumed_from)
+        if not path.is_file():
+            return
+        window = json.loads(path.read_text(encoding="utf-8"))
+        trainer._tr_loss.add_(window["loss_sum"])
+        trainer._globalstep_last_logged = int(window["last_logged_step"])
 
 
 class NonFiniteError(ValueError):
