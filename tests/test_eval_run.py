@@ -330,3 +330,25 @@ def test_an_evaluation_refused_when_its_model_loads_leaves_nothing_behind(adapte
     with pytest.raises(EvalError, match="not a readable safetensors file"):
         evaluate(options)
     assert not (tmp_path / "out").exists()  # neither eval_settings.json nor an empty directory
+
+
+def test_a_redraw_adapters_resumed_evaluation_answers_as_an_uninterrupted_one(tiny_model, tokenizer, tmp_path):
+    """The redraw router's routes are random draws; in sequence mode each prompt's draw is keyed by its tokens, so
+    neither an interruption (here: the first 3 problems, then all 6) nor the batch changes an answer."""
+    config = tucka_llm.TuckAConfig(**TUCKA_CONFIG, router="redraw", task_type="CAUSAL_LM")
+    adapter = save_adapter(tmp_path / "redraw", tiny_model, config, tokenizer)
+
+    def completions(output: str, limit: int, batch_size: int) -> list[str]:
+        options = EvalOptions(
+            task="gsm8k", model=str(tiny_model), adapter=str(adapter), data="gsm8k", limit=limit, backend="hf",
+            batch_size=batch_size, max_new_tokens=8, output=str(tmp_path / output),
+        )  # fmt: skip
+        evaluate(options)
+        return [r["completion"] for r in read_responses(tmp_path / output)]
+
+    straight = completions("straight", 6, 4)
+    completions("resumed", 3, 4)
+    assert completions("resumed", 6, 4) == straight
+    assert completions("one-by-one", 6, 1) == straight
+    routes = {json.dumps(r["route"]) for r in map(json.loads, (tmp_path / "straight" / "responses.jsonl").open())}
+    assert len(routes) > 1  # the prompts took different routes: the test can tell

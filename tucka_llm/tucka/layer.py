@@ -22,7 +22,15 @@ from torch import nn
 
 from tucka_llm.tucka.config import TuckAConfig
 from tucka_llm.tucka.router import TuckARouter
-from tucka_llm.tucka.routing import ActiveRoute, Route, RouteMixture, RoutingState, fixed_route, routing_features
+from tucka_llm.tucka.routing import (
+    ActiveRoute,
+    Route,
+    RouteMixture,
+    RoutingState,
+    fixed_route,
+    routing_features,
+    sequence_keys,
+)
 
 
 class FeaturesCollected(Exception):
@@ -139,9 +147,13 @@ class TuckALayer(nn.Module, BaseTunerLayer):
             route = fixed_route(mode, x.device, self.tucka_subspace[adapter_name].dtype)
         else:
             features = router.features(x, state.attention_mask)
+            draw: tuple | list[tuple] = (state.draw_step, state.draws)
             if mode == "batch":
                 features = features.mean(dim=0, keepdim=True)
-            route = router.route_features(features, (state.draw_step, state.draws))
+            elif state.input_ids is not None and state.input_ids.shape[0] == features.shape[0]:
+                keys = sequence_keys(state.input_ids, state.attention_mask)  # a random router: drawn per prompt
+                draw = [("sequence", key) for key in keys]
+            route = router.route_features(features, draw)
             if state.gate_levels is not None:
                 route = router.quantise(route, state.gate_levels)
         if state.route is None:

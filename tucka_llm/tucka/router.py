@@ -130,8 +130,8 @@ class TuckARouter(nn.Module):
         are exact."""
         return routing_features(x.float(), attention_mask)
 
-    def logits(self, features: torch.Tensor, draw: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """(n, d) features -> (n, k*t) expert logits; ``draw`` keys a random router's draw."""
+    def logits(self, features: torch.Tensor, draw: tuple | list[tuple] = (0, 0)) -> torch.Tensor:
+        """(n, d) features -> (n, k*t) expert logits; ``draw`` keys a random router's draw (or one per row)."""
         raise NotImplementedError
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
@@ -145,7 +145,7 @@ class TuckARouter(nn.Module):
         gates = chosen / chosen.sum(dim=-1, keepdim=True) if self.normalize_gates else chosen
         return ActiveRoute(group=group, gates=gates)
 
-    def route_features(self, features: torch.Tensor, draw: tuple[int, int] = (0, 0)) -> ActiveRoute:
+    def route_features(self, features: torch.Tensor, draw: tuple | list[tuple] = (0, 0)) -> ActiveRoute:
         """features (n, d) -> one route per row."""
         return self.route(self.scores(self.logits(features, draw)))
 
@@ -239,12 +239,15 @@ class RedrawRouter(TuckARouter):
     def initial_centroids(self, e: torch.Tensor, seed: int) -> None:
         return None
 
-    def logits(self, features: torch.Tensor, draw: tuple[int, int] = (0, 0)) -> torch.Tensor:
-        noise = self.redraw_noise(draw).to(features.device)
+    def logits(self, features: torch.Tensor, draw: tuple | list[tuple] = (0, 0)) -> torch.Tensor:
+        """``draw`` keys one draw for all rows, or (a list) one draw per row: a sequence's own key."""
         h = features.float()
-        return (h * h).sum(dim=-1, keepdim=True) + F.linear(h, noise)
+        if isinstance(draw, list):
+            noise = torch.stack([self.redraw_noise(key) for key in draw]).to(features.device)  # (n, k*t, d)
+            return (h * h).sum(dim=-1, keepdim=True) + torch.einsum("nd,ned->ne", h, noise)
+        return (h * h).sum(dim=-1, keepdim=True) + F.linear(h, self.redraw_noise(draw).to(features.device))
 
-    def redraw_noise(self, draw: tuple[int, int]) -> torch.Tensor:
+    def redraw_noise(self, draw: tuple) -> torch.Tensor:
         """The perturbations of one forward: (k*t, d), first row 0, the rest U(-a, a), seeded by (seed, step,
         forward) so that the same step of a resumed run draws the same."""
         noise = self.perturbations(self.k * self.t - 1, _seed_of(self.seed, *draw))

@@ -9,6 +9,7 @@ knows nothing of layers or models: the model-level helpers (``routing``, ``exper
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 from collections.abc import Sequence
@@ -129,6 +130,9 @@ class RoutingState:
         self.gate_levels: int | None = None  # set: computed routes are quantised (TuckARouter.quantise) as served
         self.calibration: list[torch.Tensor] | None = None  # set by data_aware_init while it collects features
         self.calibration_stops = True  # the routing layer ends the forward once it has the features
+        # A random router's sequence mode draws each sequence's route keyed by its real tokens (``sequence_keys``),
+        # so a prompt's route depends on neither its batch nor how many came before it.
+        self.input_ids: torch.Tensor | None = None
         self.draw_step, self.draws = 0, 0
         self._load_counts: torch.Tensor | None = None  # (k,) on the router's device
         self._load_gates: torch.Tensor | None = None  # (k, t)
@@ -141,14 +145,19 @@ class RoutingState:
     def t(self) -> int:
         return self.router.t
 
-    def begin_forward(self, attention_mask: torch.Tensor | None, decoding: bool) -> None:
-        """A new model forward: keep the held route during decode steps, else forget it and take the new mask."""
+    def begin_forward(
+        self, attention_mask: torch.Tensor | None, decoding: bool, input_ids: torch.Tensor | None = None
+    ) -> None:
+        """A new model forward: keep the held route during decode steps, else forget it and take the new mask (and,
+        for a router that draws its routes, the token ids its sequence mode keys each sequence's draw by)."""
         self.held = decoding and self.route is not None
         if self.held:
             return
         self.route = None
         self.draws += 1
         self.attention_mask = attention_mask if isinstance(attention_mask, torch.Tensor) else None
+        drawn = self.router.draws_routes and isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2
+        self.input_ids = input_ids if drawn else None
 
     def start_step(self, step: int) -> None:
         """Training reached optimizer step ``step``: the redraw router's draws restart from (step, 0)."""
@@ -185,6 +194,18 @@ class RoutingState:
     def read_load(self, reset: bool = True) -> ExpertLoad:
         """Statistics since the last read (one host synchronisation)."""
         return ExpertLoad.from_sums(*self.load_sums(reset))
+
+
+def sequence_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[str]:
+    """A digest (16 hex digits) of each sequence's real tokens: the same prompt gets the same key in any batch,
+    however padded."""
+    rows = input_ids.detach().cpu()
+    mask = None if attention_mask is None else attention_mask.detach().cpu()[:, -rows.shape[1] :].bool()
+    keys = []
+    for index, row in enumerate(rows):
+        tokens = row if mask is None else row[mask[index]]
+        keys.append(hashlib.sha256(tokens.numpy().astype("<i8").tobytes()).hexdigest()[:16])
+    return keys
 
 
 def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -263,7 +284,7 @@ class BeginForward:
         mask = bound.get("attention_mask")
         decoding = _cache_length(bound.get("past_key_values")) > 0
         for state in self.states.values():
-            state.begin_forward(mask, decoding)
+            state.begin_forward(mask, decoding, bound.get("input_ids"))
 
 
 def install_forward_hook(model: nn.Module, states: dict[str, RoutingState]) -> torch.utils.hooks.RemovableHandle:
