@@ -242,3 +242,17 @@ def test_a_balanced_router_reads_as_balanced_though_each_log_holds_two_routes(tm
     rows = table_rows(report.write_report([run], tmp_path / "out")[0])
     assert rows["tucka-balanced"]["routing (whole run)"] == "0.25/0.25/0.25/0.25, H 1.39 of ln 4 = 1.39"
     assert rows.get("tucka-balanced") and (tmp_path / "out" / "tucka-balanced_routing_entropy.png").is_file()
+
+
+def test_bitsandbytes_kernels_line_is_kept_out_of_our_commands_output(caplog):
+    """On CPUs with AVX-512 BF16 and no `kernels` package, bitsandbytes logs at import (peft imports it) that an
+    optional CPU kernel is missing; importing tucka_llm keeps that line from preceding every one-line message."""
+    import logging
+
+    import tucka_llm  # noqa: F401  (installs the filter)
+
+    caplog.set_level(logging.WARNING)
+    bitsandbytes = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    bitsandbytes.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'.")
+    bitsandbytes.warning("another bitsandbytes warning")
+    assert "gemm_4bit_forward" not in caplog.text and "another bitsandbytes warning" in caplog.text
