@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from tucka_llm.atomic import disk_full
+from tucka_llm.atomic import one_line_when_disk_full
 from tucka_llm.data import DataError
 from tucka_llm.locking import OutputInUse
 from tucka_llm.training import parse_options, train
@@ -19,17 +19,12 @@ from tucka_llm.training.trainer import NonFiniteError
 
 def main() -> None:
     options = parse_options()
+    full = "its complete checkpoints are kept: free space there and run the same command with --resume."
     try:
-        train(options)
+        with one_line_when_disk_full(f"--output {options.output}", full):
+            train(options)
     except (DataError, ModelError, RunError, NonFiniteError, OutputInUse) as error:
         sys.exit(f"error: {error}")
-    except Exception as error:
-        if not disk_full(error):
-            raise
-        sys.exit(
-            f"error: no space left on the device of --output {options.output} ({error.__class__.__name__}); its "
-            "complete checkpoints are kept: free space there and run the same command with --resume."
-        )
 
 
 if __name__ == "__main__":

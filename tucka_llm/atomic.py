@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,18 @@ def disk_full(error: BaseException) -> bool:
         return True
     text = str(error)
     return "No space left on device" in text or "Disk quota exceeded" in text or "StorageFull" in text
+
+
+@contextmanager
+def one_line_when_disk_full(where: str, then: str) -> Iterator[None]:
+    """Turn a full disk anywhere in the block into the command's one-line exit: no space left on the device of
+    ``where``, then what to do (``then``); any other error passes through."""
+    try:
+        yield
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        sys.exit(f"error: no space left on the device of {where} ({error.__class__.__name__}); {then}")
 
 
 def _umask() -> int:

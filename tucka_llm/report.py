@@ -327,15 +327,15 @@ def route_counts(records: list[dict[str, Any]]) -> tuple[list[float], list[list[
 def windowed_loads(counts: list[list[float]], window: float | None) -> list[list[float]]:
     """Per logged step, each group's share of the routes in the window that ends there: all routes so far
     (``window`` None, cumulative) or about the last ``window`` routes (whole logs, from the newest back)."""
-    shares = []
-    for end in range(len(counts)):
-        total = [0.0] * len(counts[end])
-        start = end
-        while start >= 0:
-            total = [t + c for t, c in zip(total, counts[start], strict=True)]
-            start -= 1
-            if window is not None and sum(total) >= window:
-                break
+    shares, running = [], [0.0] * len(counts[0]) if counts else []
+    for end, row in enumerate(counts):
+        running = [t + c for t, c in zip(running, row, strict=True)]  # cumulative: one pass
+        total = running
+        if window is not None:  # walk back over whole logs until the window is full
+            total, start = [0.0] * len(row), end
+            while start >= 0 and sum(total) < window:
+                total = [t + c for t, c in zip(total, counts[start], strict=True)]
+                start -= 1
         routes = sum(total)
         shares.append([t / routes if routes else 0.0 for t in total])
     return shares

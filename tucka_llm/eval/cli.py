@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tucka_llm.atomic import disk_full
+from tucka_llm.atomic import one_line_when_disk_full
 from tucka_llm.data import PROMPT_TEMPLATE, DataError
 from tucka_llm.eval.backends import BACKENDS, EvalError, vllm_available
 from tucka_llm.eval.problems import SHIPPED
@@ -114,17 +114,12 @@ def main(task: str, argv: list[str] | None = None) -> None:
         kv_cache_gb=args.kv_cache_gb,
         gate_levels=args.gate_levels,
     )
+    full = "the problems already answered are kept: free space there and run the same command again to resume."
     try:
-        summary = evaluate(options)
+        with one_line_when_disk_full("the evaluation's output", full):
+            summary = evaluate(options)
     except (EvalError, DataError, OutputInUse) as error:
         sys.exit(f"error: {error}")
-    except Exception as error:
-        if not disk_full(error):
-            raise
-        sys.exit(
-            f"error: no space left for the evaluation's output ({error.__class__.__name__}); the problems already "
-            "answered are kept: free space there and run the same command again to resume."
-        )
     print(
         f"{task}: accuracy {summary['accuracy']:.4f} ({summary['scoring']} scoring; project "
         f"{summary['accuracy_project']:.4f}, MetaMath {summary['accuracy_metamath']:.4f}) on {summary['n']} problems; "

@@ -180,7 +180,7 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     if todo:
         backend = make_backend(options, output)
         if not records:  # recorded once the model loaded: a refused run leaves no settings behind
-            atomic_write_json(output / SETTINGS, json.loads(json.dumps(options.settings())))
+            atomic_write_json(output / SETTINGS, options.settings())
         sampling = options.sampling
         with (
             (output / RESPONSES).open("a", encoding="utf-8") as sink,

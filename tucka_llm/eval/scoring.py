@@ -302,24 +302,24 @@ def _factorial_arguments(answer: str) -> list[str]:
         number = re.search(r"\d+$", before)
         if number:
             found.append(number.group())
-        elif before.endswith((")", "}")):
-            opening = {")": "(", "}": "{"}[before[-1]]
-            depth, start = 0, None
-            for index in range(len(before) - 1, -1, -1):
-                depth += {before[-1]: 1, opening: -1}.get(before[index], 0)
-                if depth == 0:
-                    start = index
-                    break
-            if start is not None:
-                found.append(before[start + 1 : -1])
+        elif before.endswith((")", "}")):  # the group that ends there: matched from its end, on the reversed text
+            group = _group(before[::-1], before[-1], {")": "(", "}": "{"}[before[-1]])
+            if group is not None:
+                found.append(group[::-1])
     return found
 
 
 def _braced(text: str) -> str | None:
     """The content of the brace group ``text`` starts with, braces matched; None if it is not closed."""
+    return _group(text, "{", "}")
+
+
+def _group(text: str, opening: str, closing: str) -> str | None:
+    """The content of the group ``text`` starts with (``opening`` ... ``closing``, nested groups matched); None
+    if it is not closed."""
     depth = 0
     for index, char in enumerate(text):
-        depth += {"{": 1, "}": -1}.get(char, 0)
+        depth += {opening: 1, closing: -1}.get(char, 0)
         if depth == 0:
             return text[1:index]
     return None

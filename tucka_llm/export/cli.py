@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from tucka_llm.atomic import disk_full
+from tucka_llm.atomic import one_line_when_disk_full
 from tucka_llm.export import export_lora
 from tucka_llm.export.merge import DTYPES, export_merged
 from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
@@ -66,20 +66,15 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tucka_llm").setLevel(logging.INFO)
+    full = "nothing partial was kept: free space there and run the same command again."
     try:
-        if args.format == "lora":
-            export_routed(args)
-        else:
-            export_checkpoint(args)
+        with one_line_when_disk_full(f"--out {args.out}", full):
+            if args.format == "lora":
+                export_routed(args)
+            else:
+                export_checkpoint(args)
     except (ExportError, OutputInUse) as error:
         sys.exit(f"error: {error}")
-    except Exception as error:
-        if not disk_full(error):
-            raise
-        sys.exit(
-            f"error: no space left on the device of --out {args.out} ({error.__class__.__name__}); nothing partial was "
-            "kept: free space there and run the same command again."
-        )
 
 
 def export_checkpoint(args: argparse.Namespace) -> None:

@@ -113,10 +113,7 @@ class TuckACalibration(TrainerCallback):
             router, e = by_name[name], h.float().mean(dim=0)
             with _writable(args, router):
                 # resumed: the checkpoint holds the trained E; e_bar and the flag are not in DeepSpeed's checkpoint
-                router.calibrate(e, self.seed, keep_centroids=resumed)
-            if resumed:
-                continue
-            initial = router.initial_centroids(e, self.seed)
+                initial = router.calibrate(e, self.seed, keep_centroids=resumed)
             if initial is not None:
                 dai[name] = initial
                 _set_master(args, router.centroids, initial, name)

@@ -94,16 +94,19 @@ class TuckARouter(nn.Module):
             self.calibrated.fill_(int(random))
 
     @torch.no_grad()
-    def calibrate(self, e: torch.Tensor, seed: int, keep_centroids: bool = False) -> None:
+    def calibrate(self, e: torch.Tensor, seed: int, keep_centroids: bool = False) -> torch.Tensor | None:
         """DAI (paper Eq. 10) from the calibration centroid ``e`` (d,): set E (and e_bar) and mark the router
-        calibrated. Deterministic for the same ``e`` and ``seed`` on every rank and device. ``keep_centroids``: a
-        resumed run, whose checkpoint holds the trained E: set only the frozen calibration state."""
+        calibrated; return the DAI matrix set (float32, CPU; None when none was). Deterministic for the same ``e``
+        and ``seed`` on every rank and device. ``keep_centroids``: a resumed run, whose checkpoint holds the trained
+        E: set only the frozen calibration state."""
         if not self.trains_centroids:
-            return
-        if not keep_centroids:
-            initial = self.initial_centroids(e, seed)
-            self.centroids.copy_(initial.to(self.centroids.device, self.centroids.dtype))
+            return None
         self.calibrated.fill_(1)
+        if keep_centroids:
+            return None
+        initial = self.initial_centroids(e, seed)
+        self.centroids.copy_(initial.to(self.centroids.device, self.centroids.dtype))
+        return initial
 
     def initial_centroids(self, e: torch.Tensor, seed: int) -> torch.Tensor | None:
         """E from the calibration centroid ``e`` (float32, CPU); None for a router without centroids."""
@@ -200,9 +203,9 @@ class CentredRouter(TuckARouter):
             self.center.copy_(torch.randn(self.d))
 
     @torch.no_grad()
-    def calibrate(self, e: torch.Tensor, seed: int, keep_centroids: bool = False) -> None:
-        super().calibrate(e, seed, keep_centroids)
+    def calibrate(self, e: torch.Tensor, seed: int, keep_centroids: bool = False) -> torch.Tensor | None:
         self.center.copy_(e.float().to(self.center.device))
+        return super().calibrate(e, seed, keep_centroids)
 
     def initial_centroids(self, e: torch.Tensor, seed: int) -> torch.Tensor:
         return e.float().cpu() + self.perturbations(self.k * self.t, seed)
