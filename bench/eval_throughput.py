@@ -179,8 +179,8 @@ def prepare_adapter_run(args: argparse.Namespace, work: Path) -> None:
     import peft
 
     from tucka_llm.export import export_merged
+    from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
     from tucka_llm.serving import DEFAULT_GATE_LEVELS
-    from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 
     recorded = peft.PeftConfig.from_pretrained(args.adapter).base_model_name_or_path
     if args.model is None:

@@ -34,8 +34,8 @@ from tucka_llm.eval.backends import HFBackend, Sampling
 from tucka_llm.eval.loss import held_out_batches, held_out_loss, shipped_test_records
 from tucka_llm.eval.problems import load_problems
 from tucka_llm.eval.run import EvalOptions
+from tucka_llm.recipes.smollm2 import smollm2_checkpoint
 from tucka_llm.serving import PromptRouter
-from tucka_llm.smollm2 import smollm2_checkpoint
 from tucka_llm.tucka.model import routing
 
 

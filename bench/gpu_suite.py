@@ -61,10 +61,10 @@ import train_throughput
 from transformers import LlamaConfig
 
 import tucka_llm
-from tucka_llm.atomic import atomic_write_json
 from tucka_llm.export import export_merged
+from tucka_llm.io.atomic import atomic_write_json
+from tucka_llm.loading import bitsandbytes_missing
 from tucka_llm.models import llama2_7b_config, tiny_llama_config
-from tucka_llm.quantization import bitsandbytes_missing
 
 REPO = Path(__file__).resolve().parents[1]
 FITS_GIB = 22  # a 24 GB card at micro-batch 1, with room for the CUDA context and the allocator's cache

@@ -6,7 +6,7 @@
     python bench/quality_small.py --seeds 1 --steps 2 --held-out 8 --work /tmp/q            # the pipeline only
     python bench/quality_small.py --seeds 2 --table-only                       # the table from what has finished
 
-Each run is trained and merged by the demo's own stages (``tucka_llm.demo.training_stages``: the launcher under
+Each run is trained and merged by the demo's own stages (``tucka_llm.recipes.demo.training_stages``: the launcher under
 DeepSpeed ZeRO-2 on 2 CPU ranks, fp32, micro-batch 4, global batch 8, the first ``steps x 8`` GSM8K training
 problems in MetaMathQA form, ``--seed`` = the run's seed; export in fp32 under its default route). Adapters use the
 reference settings (TuckA r16 k4 t2 p2 alpha auto = 192 at SmolLM2's width, LoRA r32 alpha 32, lr 1e-3 cosine).
@@ -35,16 +35,17 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
 import tucka_llm
-from tucka_llm.atomic import atomic_write_json
-from tucka_llm.demo import DemoSize, training_stages
 from tucka_llm.eval.loss import held_out_batches, held_out_loss, load_model, shipped_test_records
 from tucka_llm.export.route import DEFAULT_ROUTE, ExportError, RouteSpec, choose_route
-from tucka_llm.report import read_metrics, series, trainable_parameters
-from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import StageFailed, run_stages
+from tucka_llm.io.atomic import atomic_write_json
+from tucka_llm.layout import read_metrics
+from tucka_llm.loading import load_tokenizer
+from tucka_llm.recipes.demo import DemoSize, training_stages
+from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
+from tucka_llm.recipes.stages import StageFailed, run_stages
+from tucka_llm.report import series, trainable_parameters
 from tucka_llm.tucka.router import ROUTERS
 
 FOLDS = ("expected", "majority", "centroid")
@@ -57,7 +58,7 @@ def held_out(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> 
 
 def measure(base: Path, run: Path, batches: list[dict[str, torch.Tensor]]) -> dict[str, object]:
     """Everything the table needs from one finished run (see the module docstring)."""
-    train_losses = series(read_metrics(run / "train" / "metrics.jsonl"), "loss")[1]
+    train_losses = series(read_metrics(run / "train"), "loss")[1]
     result: dict[str, object] = {
         "train_loss_first": train_losses[0],
         "train_loss_last10": statistics.mean(train_losses[-10:]),
@@ -69,7 +70,7 @@ def measure(base: Path, run: Path, batches: list[dict[str, torch.Tensor]]) -> di
         return result
     routes = tucka_llm.expert_load(model)["default"]  # the held-out sequences' routes, counted by the forwards above
     result |= {"held_out_share": routes.fraction, "held_out_entropy": routes.entropy}
-    records = read_metrics(run / "train" / "metrics.jsonl")
+    records = read_metrics(run / "train")
     groups = sorted(int(k.rsplit("group", 1)[1]) for k in records[-1] if k.startswith("expert_load/group"))
     shares = [statistics.mean(r[f"expert_load/group{g}"] for r in records) for g in groups]
     result["train_entropy"] = sum(-s * math.log(s) for s in shares if s > 0)
@@ -158,7 +159,7 @@ def main() -> None:
             parser.error(f"--variants: unknown {name!r}; give lora or tucka-ROUTER ({', '.join(ROUTERS)}).")
         variants[name] = ("lora", []) if name == "lora" else ("tucka", ["--router", name.removeprefix("tucka-")])
     seeds = [FIRST_SEED + i for i in range(args.seeds)]
-    batches = held_out_batches(shipped_test_records("gsm8k", args.held_out), AutoTokenizer.from_pretrained(base))
+    batches = held_out_batches(shipped_test_records("gsm8k", args.held_out), load_tokenizer(base, "--model"))
     base_record = work / "base-measure.json"
     if not base_record.is_file():
         work.mkdir(parents=True, exist_ok=True)

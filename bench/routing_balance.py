@@ -33,12 +33,13 @@ from pathlib import Path
 import datasets
 import peft
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 import tucka_llm
 from tucka_llm.data import asset_path, gsm8k_to_metamathqa, load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.loss import math_to_metamathqa
-from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
+from tucka_llm.loading import load_tokenizer
+from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.tucka.calibration import calibration_batches
 from tucka_llm.tucka.dai import calibration_features, routers
 from tucka_llm.tucka.router import ROUTERS
@@ -105,8 +106,7 @@ def main() -> None:
     parser.add_argument("--model-cache", type=Path, default=DEFAULT_CACHE)
     args = parser.parse_args()
     base_dir = smollm2_checkpoint(args.model_cache)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    tokenizer = load_tokenizer(base_dir, "--model")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     gsm8k_train = load_metamathqa("gsm8k-train")
     gsm8k_tokens = tokenize_metamathqa(gsm8k_train, tokenizer, MAX_LEN).dataset

@@ -44,9 +44,10 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tucka_llm.data import llama2_tokenizer
+from tucka_llm.layout import QUANTIZATION_RECORD
+from tucka_llm.loading import bitsandbytes_missing
 from tucka_llm.models import llama2_7b_config, medium_llama_config, small_llama_config
-from tucka_llm.quantization import QUANTIZATION_RECORD, bitsandbytes_missing
-from tucka_llm.stages import train_command
+from tucka_llm.recipes.stages import train_command
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import load_base_model
 

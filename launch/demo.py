@@ -1,11 +1,9 @@
-"""The README's first command: TuckA end to end on a real pretrained model, on a CPU, offline (``--help``).
+"""``tucka demo`` from a checkout, the README's first command: TuckA end to end on SmolLM2-135M-Instruct, on this
+CPU, offline, about 15 minutes on 2 cores (``--help``; ``--method lora|dora`` runs a baseline)."""
 
-SmolLM2-135M-Instruct is trained under DeepSpeed on 2 CPU ranks on GSM8K-as-MetaMathQA, merged, evaluated on GSM8K
-with vLLM before and after training, and reported; about 15 minutes on 2 cores. ``--method lora|dora`` runs the same
-demo for a baseline.
-"""
+import sys
 
-from tucka_llm.demo import main
+from tucka_llm.cli import run
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # vLLM starts its engine with spawn: the guard keeps the child from re-running this
+    run("demo", sys.argv[1:], "launch/demo.py")

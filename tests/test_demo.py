@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tucka_llm.eval.backends import vllm_available
-from tucka_llm.stages import Stage, StageFailed, run_stages, train_stage
+from tucka_llm.recipes.stages import Stage, StageFailed, run_stages, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 

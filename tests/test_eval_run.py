@@ -19,15 +19,8 @@ from tucka_llm.data import DataError
 from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError, Generation, HFBackend
 from tucka_llm.eval.problems import Problem, load_problems
-from tucka_llm.eval.run import (
-    METAMATH_STOP,
-    EvalOptions,
-    evaluate,
-    extraction_rules,
-    read_records,
-    score,
-    summarise,
-)
+from tucka_llm.eval.records import extraction_rules, read_records, score, summarise
+from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}

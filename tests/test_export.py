@@ -23,9 +23,10 @@ import tucka_llm
 from tucka_llm.data import load_metamathqa, tokenize_metamathqa
 from tucka_llm.eval.backends import EvalError, HFBackend
 from tucka_llm.export import ExportError, export_merged
+from tucka_llm.loading import LoadError
 from tucka_llm.models import tiny_llama_config
 from tucka_llm.training import parse_options
-from tucka_llm.training.adapters import ModelError, load_base_model
+from tucka_llm.training.adapters import load_base_model
 from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import routing_states
@@ -302,25 +303,25 @@ def test_output_that_would_replace_an_input_is_refused_even_with_force(adapters,
 
 
 def test_missing_or_unfinished_or_broken_adapters_are_refused(adapters, tmp_path):
-    with pytest.raises(ExportError, match="no such directory"):
+    with pytest.raises(LoadError, match="no such directory"):
         export_merged(tmp_path / "nowhere", tmp_path / "out")
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    with pytest.raises(ExportError, match=r"has not finished.*checkpoints/checkpoint-N"):
+    with pytest.raises(LoadError, match=r"has not finished.*checkpoints/checkpoint-N"):
         export_merged(run, tmp_path / "out")
     (run / "adapter_config.json").write_text("{}")
-    with pytest.raises(ExportError, match=r"no adapter_model.safetensors"):
+    with pytest.raises(LoadError, match=r"no adapter_model.safetensors"):
         export_merged(run, tmp_path / "out")
     (run / "adapter_model.safetensors").write_bytes(b"")
     (run / "adapter_config.json").write_text('{"peft_type": "LORA", "r": ')
-    with pytest.raises(ExportError, match=r"adapter_config.json is unreadable"):
+    with pytest.raises(LoadError, match=r"adapter_config.json is unreadable"):
         export_merged(run, tmp_path / "out")
     broken = tmp_path / "broken"
     broken.mkdir()
     for file in adapters["lora"].iterdir():
         (broken / file.name).write_bytes(file.read_bytes())
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(ExportError, match="could not load it"):
+    with pytest.raises(LoadError, match="could not load it"):
         export_merged(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -330,9 +331,9 @@ def test_base_of_other_shapes_is_refused_naming_both(adapters, tmp_path):
     other.hidden_size, other.num_attention_heads = 128, 4
     AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / "other-base")
     for method in ("tucka", "lora"):
-        with pytest.raises(ExportError, match=r"does not fit --base .*other-base.*Pass the base model"):
+        with pytest.raises(LoadError, match=r"does not fit --base .*other-base.*Pass the base model"):
             export_merged(adapters[method], tmp_path / "out", base=str(tmp_path / "other-base"))
-    with pytest.raises(ExportError, match=r"--base .*missing-base: could not load it"):
+    with pytest.raises(LoadError, match=r"--base .*missing-base: could not load it"):
         export_merged(adapters["lora"], tmp_path / "out", base=str(tmp_path / "missing-base"))
 
 
@@ -382,12 +383,12 @@ def base_of_depth(path: Path, layers: int) -> Path:
 def test_base_of_another_depth_is_refused_naming_the_layers_by_export_and_eval(adapters, tmp_path):
     deeper, shallower = base_of_depth(tmp_path / "deeper", 3), base_of_depth(tmp_path / "shallower", 1)
     for method in ("tucka", "lora"):
-        with pytest.raises(ExportError, match=r"does not fit --base .*deeper: the base has adapted layers it holds no "
+        with pytest.raises(LoadError, match=r"does not fit --base .*deeper: the base has adapted layers it holds no "
                                               r"weights for \(layers 2\)\. Pass the base model"):  # fmt: skip
             export_merged(adapters[method], tmp_path / "out", base=str(deeper))
-        with pytest.raises(ExportError, match=r"holds weights for layers the base does not have \(layers 1\)"):
+        with pytest.raises(LoadError, match=r"holds weights for layers the base does not have \(layers 1\)"):
             export_merged(adapters[method], tmp_path / "out", base=str(shallower))
-        with pytest.raises(EvalError, match=r"does not fit --model .*deeper: the base has adapted layers .*layers 2"):
+        with pytest.raises(LoadError, match=r"does not fit --model .*deeper: the base has adapted layers .*layers 2"):
             HFBackend(str(deeper), adapter=str(adapters[method]))
     assert not (tmp_path / "out").exists()
 
@@ -399,9 +400,9 @@ def test_adapter_with_non_finite_weights_is_refused_by_export_and_eval(adapters,
     name = sorted(weights)[0]
     weights[name][0, 0] = float("nan")
     save_file(weights, diverged / "adapter_model.safetensors")
-    with pytest.raises(ExportError, match=rf"--adapter {diverged}: 1 of its tensors hold NaN or inf values \({name}\)"):
+    with pytest.raises(LoadError, match=rf"--adapter {diverged}: 1 of its tensors hold NaN or inf values \({name}\)"):
         export_merged(diverged, tmp_path / "out")
-    with pytest.raises(EvalError, match=r"hold NaN or inf values"):
+    with pytest.raises(LoadError, match=r"hold NaN or inf values"):
         HFBackend(str(tiny_model), adapter=str(diverged))
     assert not (tmp_path / "out").exists()
 
@@ -430,11 +431,11 @@ def test_a_corrupt_base_is_refused_in_one_line_by_training_export_and_eval(adapt
     shutil.copytree(tiny_model, corrupt)
     (weights,) = corrupt.glob("*.safetensors")
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(ExportError, match=rf"^--base {corrupt}: could not load it \(.*\)\. Give the base model"):
+    with pytest.raises(LoadError, match=rf"^--base {corrupt}: could not load it \(.*\)\. Give the base model"):
         export_merged(adapters["lora"], tmp_path / "out", base=str(corrupt))
-    with pytest.raises(EvalError, match=rf"^--model {corrupt}: could not load it"):
+    with pytest.raises(LoadError, match=rf"^--model {corrupt}: could not load it"):
         HFBackend(str(corrupt))
-    with pytest.raises(ModelError, match=rf"^--model {corrupt}: could not load it"):
+    with pytest.raises(LoadError, match=rf"^--model {corrupt}: could not load it"):
         load_base_model(parse_options(["--model", str(corrupt)]))
 
 
@@ -452,7 +453,7 @@ def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_lin
     other = tiny_llama_config()
     other.hidden_size, other.num_attention_heads = 128, 4
     AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / "wider")
-    with pytest.raises(EvalError, match=r"^--adapter .* does not fit --model .*wider: .*Pass the base model") as e:
+    with pytest.raises(LoadError, match=r"^--adapter .* does not fit --model .*wider: .*Pass the base model") as e:
         HFBackend(str(tmp_path / "wider"), adapter=str(adapters["lora"]))
     assert "\n" not in str(e.value)
     # the first differing tensor named whole, with both shapes, not the last 300 characters of torch's report
@@ -462,7 +463,7 @@ def test_hf_eval_refuses_an_adapter_of_another_width_or_a_corrupt_one_in_one_lin
     corrupt = tmp_path / "corrupt"
     shutil.copytree(adapters["lora"], corrupt)
     (corrupt / "adapter_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(EvalError, match=r"^--adapter .*corrupt: could not load it \(.* not a readable safetensors"):
+    with pytest.raises(LoadError, match=r"^--adapter .*corrupt: could not load it \(.* not a readable safetensors"):
         HFBackend(str(tmp_path / "wider"), adapter=str(corrupt))
 
 
@@ -496,14 +497,15 @@ FULL = 'message: "No space left on device"'
 def test_a_full_disk_during_export_is_one_line_and_leaves_nothing_partial(adapters, tmp_path, monkeypatch, form):
     from safetensors import SafetensorError
 
-    from tucka_llm.export import cli, lora
+    from tucka_llm.export import cli
+    from tucka_llm.serving import routed_lora
 
     def full(*args, **kwargs):
         if form == "merged":
             raise SafetensorError(f"Error while serializing: IoError(Os {{ code: 28, kind: StorageFull, {FULL} }})")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    target = (transformers.PreTrainedModel, "save_pretrained") if form == "merged" else (lora, "save_file")
+    target = (transformers.PreTrainedModel, "save_pretrained") if form == "merged" else (routed_lora, "save_file")
     monkeypatch.setattr(*target, full)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:

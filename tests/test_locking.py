@@ -12,13 +12,13 @@ import pytest
 
 from tucka_llm.eval.run import EvalOptions, evaluate
 from tucka_llm.export import export_merged
-from tucka_llm.locking import LOCK_FILE, OutputInUse, exclusive
+from tucka_llm.io.locking import LOCK_FILE, OutputInUse, exclusive
 from tucka_llm.training import parse_options, train
 
 HOLD = """
 import contextlib, sys, time
 from pathlib import Path
-from tucka_llm.locking import exclusive
+from tucka_llm.io.locking import exclusive
 with contextlib.ExitStack() as stack:
     for lock in sys.argv[1:]:
         stack.enter_context(exclusive(Path(lock), lock))

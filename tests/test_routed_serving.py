@@ -1,4 +1,4 @@
-"""Routed serving: a TuckA adapter as per-route LoRA adapters (launch/export.py --format lora), exact layer by layer;
+"""Routed serving: a TuckA adapter as per-route LoRA adapters (tucka export --format lora), exact layer by layer;
 the served routes' gate quantisation; the prompt router outside the model; what cannot be converted is refused."""
 
 from __future__ import annotations
@@ -247,7 +247,7 @@ def test_vllm_serves_a_lora_adapter_as_it_is_and_refuses_dora_pointing_to_merged
     assert [r["completion"] for r in runs["vllm"][1]] == [r["completion"] for r in runs["hf"][1]]
     assert "route" not in runs["vllm"][1][0] and "group_load" not in runs["vllm"][0]
     options = EvalOptions(task="gsm8k", model=str(tiny_model), adapter=str(adapters["dora"]), data="gsm8k")
-    with pytest.raises(EvalError, match=r"DoRA adapter, which vLLM cannot serve: export it merged \(python launch/"):
+    with pytest.raises(EvalError, match=r"DoRA adapter, which vLLM cannot serve: export it merged \(tucka export "):
         evaluate(options)
     options.adapter, options.gate_levels = str(adapters["lora"]), 3
     with pytest.raises(EvalError, match=r"--gate-levels applies to TuckA adapters; .* holds a lora adapter"):

@@ -15,11 +15,12 @@ import pytest
 
 from tucka_llm.data import DataError
 from tucka_llm.eval.problems import load_problems
-from tucka_llm.locking import OutputInUse
+from tucka_llm.io.locking import OutputInUse
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.training import build_parser, parse_options, train
 from tucka_llm.training.adapters import ModelError
-from tucka_llm.training.run import RunError, gradient_accumulation
+from tucka_llm.training.arguments import gradient_accumulation
+from tucka_llm.training.options import RunError
 from tucka_llm.training.trainer import NonFiniteError, RunTrainer, metrics_line
 from tucka_llm.tucka.config import width_scaled_alpha
 

@@ -25,8 +25,8 @@ from transformers import AutoModelForCausalLM
 import tucka_llm
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_lora, export_merged
-from tucka_llm.locking import exclusive_directory
-from tucka_llm.stages import free_port
+from tucka_llm.io.locking import exclusive_directory
+from tucka_llm.recipes.stages import free_port
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
 from tucka_llm.tucka.calibration import calibration_batches, tensor_digest

@@ -12,7 +12,7 @@ from conftest import TUCKA_CONFIG, tiny_llama
 from safetensors.torch import load_file, save_file
 
 import tucka_llm
-from tucka_llm.adapter_loading import load_checked_adapter
+from tucka_llm.loading import load_checked_adapter
 from tucka_llm.tucka.dai import routers, routing_layers
 from tucka_llm.tucka.model import routing_states
 

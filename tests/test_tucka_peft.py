@@ -12,8 +12,8 @@ from conftest import TUCKA_CONFIG, tiny_llama, tucka_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import tucka_llm
+from tucka_llm.loading import quantization_config
 from tucka_llm.models import llama2_7b_config
-from tucka_llm.quantization import quantization_config
 from tucka_llm.tucka.dai import routers
 from tucka_llm.tucka.model import routing_states
 

@@ -22,8 +22,8 @@ from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathq
 from tucka_llm.eval.problems import load_problems
 from tucka_llm.eval.run import EvalOptions, evaluate
 from tucka_llm.export import export_lora, export_merged
+from tucka_llm.recipes.stages import free_port
 from tucka_llm.serving import RoutedLoRA
-from tucka_llm.stages import free_port
 from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches, tensor_digest
 from tucka_llm.tucka.dai import routers
 from tucka_llm.tucka.model import last_routes, routing_states

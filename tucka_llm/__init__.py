@@ -29,7 +29,7 @@ from tucka_llm.tucka import (  # noqa: E402  (after the filter: importing peft i
     routing,
 )
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"  # the one place of the version (pyproject.toml reads it)
 
 
 def package_versions(*packages: str) -> dict[str, str]:

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from tucka_llm.errors import TuckaError
+from tucka_llm.loading import load_tokenizer
 
 # MetaMath / Alpaca prompt of the reference run (method note, section 6).
 PROMPT_TEMPLATE = (
@@ -29,7 +32,7 @@ OVERLONG_POLICIES = ("truncate", "drop")
 _CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
 
 
-class DataError(ValueError):
+class DataError(TuckaError):
     """Training data that cannot be used as given; the message says where and what to change."""
 
 
@@ -40,16 +43,7 @@ def asset_path(*parts: str) -> Path:
 
 def llama2_tokenizer() -> PreTrainedTokenizerBase:
     """The real Llama-2 tokenizer shipped with the package (EOS doubles as the pad token, as usual for Llama-2)."""
-    tokenizer = AutoTokenizer.from_pretrained(asset_path("llama2_tokenizer"))
-    tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def tokenizer_source(adapter: str | Path | None, model: str) -> str:
-    """Where an adapter's tokenizer is: saved beside the adapter (training saves it there), else the base model's."""
-    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        return str(adapter)
-    return model
+    return load_tokenizer(asset_path("llama2_tokenizer"), "the shipped Llama-2 tokenizer")
 
 
 def gsm8k_to_metamathqa(record: dict[str, str]) -> dict[str, str]:

@@ -1,15 +1,17 @@
-"""``python -m tucka_llm report``: one Markdown table and PNG plots that compare training runs and their evaluations.
+"""``tucka report``: one Markdown table and PNG plots that compare training runs and their evaluations.
 
-A training run is launch/train.py's output directory (``run_config.json``, ``metrics.jsonl``, the adapter); an
-evaluation is eval/gsm8k.py's or eval/hendrycks_math.py's output directory (``summary.json``). An evaluation joins
+A training run is ``tucka train``'s output directory (``run_config.json``, ``metrics.jsonl``, the adapter); an
+evaluation is ``tucka eval``'s output directory (``summary.json``); ``layout`` reads both. An evaluation joins
 its run's row through the adapter it evaluated, or through the merged checkpoint's ``tucka_export.json``; any other
 evaluation (a base model, a run not given) gets a row of its own, named after what it evaluated.
+
+About 450 lines, kept in one module on purpose: the table and the plots are two views of the same records (one row
+per run, the same labels, the same routing windows), and a change to one is nearly always a change to the other.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -23,17 +25,21 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from safetensors import SafetensorError, safe_open
 
-from tucka_llm.atomic import atomic_write, atomic_write_text
+from tucka_llm.errors import TuckaError
+from tucka_llm.io.atomic import atomic_write, atomic_write_text
+from tucka_llm.layout import (
+    ADAPTER_WEIGHTS,
+    HELD_OUT_LOSS,
+    REPORT,
+    RUN_CONFIG,
+    SUMMARY,
+    exported_from,
+    read_json,
+    read_metrics,
+)
 
 # The file names the writers use (tucka_llm.training.run, tucka_llm.eval.run, tucka_llm.export.merge); not imported
 # from there because those modules load transformers, datasets and peft, which a report does not need.
-RUN_CONFIG = "run_config.json"
-METRICS = "metrics.jsonl"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-SUMMARY = "summary.json"
-EXPORT_RECORD = "tucka_export.json"
-HELD_OUT_LOSS = "held_out_loss.json"  # tucka_llm.eval.loss
-REPORT = "report.md"
 
 MISSING = "–"
 METHOD_NAMES = {"tucka": "TuckA", "lora": "LoRA", "dora": "DoRA"}
@@ -56,8 +62,10 @@ ROLLING_ROUTES = 64  # the rolling window of the routing plots, in routes (micro
 DPI = 120
 
 
-class ReportError(ValueError):
+class ReportError(TuckaError):
     """An argument that is not a readable training run or evaluation; the message says which and what is expected."""
+
+    exit_status = 2  # a bad argument, as argparse exits
 
 
 @dataclass(frozen=True)
@@ -76,7 +84,7 @@ class Evaluation:
 
     path: Path
     summary: dict[str, Any]
-    held_out: dict[str, Any] | None = None  # held_out_loss.json, when ``python -m tucka_llm loss`` wrote one
+    held_out: dict[str, Any] | None = None  # held_out_loss.json, when ``tucka loss`` wrote one
 
 
 @dataclass
@@ -92,44 +100,18 @@ class Row:
 def load_directory(path: Path) -> Run | Evaluation:
     """Read a training run (it has ``run_config.json``) or an evaluation output (it has ``summary.json``)."""
     if (path / RUN_CONFIG).is_file():
-        return Run(path, _read_json(path / RUN_CONFIG), read_metrics(path / METRICS), trainable_parameters(path))
+        return Run(path, read_json(path / RUN_CONFIG), read_metrics(path), trainable_parameters(path))
     if (path / SUMMARY).is_file():
-        summary = _read_json(path / SUMMARY)
+        summary = read_json(path / SUMMARY)
         if summary.get("task") not in TASKS:
             raise ReportError(f"{path / SUMMARY} has task {summary.get('task')!r}; expected one of {list(TASKS)}")
-        held_out = _read_json(path / HELD_OUT_LOSS) if (path / HELD_OUT_LOSS).is_file() else None
+        held_out = read_json(path / HELD_OUT_LOSS) if (path / HELD_OUT_LOSS).is_file() else None
         return Evaluation(path, summary, held_out)
     what = "is not a directory" if not path.is_dir() else f"has neither {RUN_CONFIG} nor {SUMMARY}"
     raise ReportError(
-        f"{path} {what}; expected a training run directory (launch/train.py's output, with {RUN_CONFIG}) or an "
-        f"evaluation output directory (eval/gsm8k.py's or eval/hendrycks_math.py's, with {SUMMARY})"
+        f"{path} {what}; expected a training run directory (tucka train's output, with {RUN_CONFIG}) or an "
+        f"evaluation output directory (tucka eval's, with {SUMMARY})"
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ReportError(f"cannot read {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ReportError(f"{path} is not a JSON object")
-    return data
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; none if it is missing. A line that is not a JSON object (a run killed while
-    writing it) is skipped: the report is about the steps that were logged."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
 
 
 # Saved with a TuckA adapter but never trained: its router's buffers (e_bar, the calibration flag; tucka_center is
@@ -167,13 +149,11 @@ def build_rows(items: list[Run | Evaluation]) -> list[Row]:
 
 
 def trained_by(summary: dict[str, Any]) -> Path | None:
-    """The training run an evaluation measured: the adapter it loaded, or the run its merged checkpoint's
-    ``tucka_export.json`` was exported from; None for a model no run of ours made."""
+    """The training run an evaluation measured: the adapter it loaded, or the run its merged checkpoint was exported
+    from (``layout.exported_from``); None for a model no run of ours made."""
     if summary.get("adapter"):
         return Path(summary["adapter"]).resolve()
-    model = Path(str(summary.get("model", "")))
-    export = _read_json(model / EXPORT_RECORD) if (model / EXPORT_RECORD).is_file() else {}
-    return Path(export["adapter"]).resolve() if export.get("adapter") else None
+    return exported_from(Path(str(summary.get("model", ""))))
 
 
 def evaluated_path(summary: dict[str, Any]) -> Path:
@@ -455,8 +435,15 @@ def write_report(directories: list[Path], out: Path) -> tuple[str, list[Path]]:
     return table, plots
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``report`` subcommand's arguments."""
+def main(argv: list[str] | None = None, prog: str = "tucka report") -> None:
+    """Write the report and print the table; a directory that is not a run or an evaluation, or an --out that
+    cannot be written, is a ReportError."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write report.md (one row per training run: method, trainable parameters, tokens/s, peak "
+        "memory, GSM8K and MATH accuracy, wall time) and PNG plots (training loss; for TuckA runs, expert-group "
+        "load and routing entropy) into --out, and print the table.",
+    )
     parser.add_argument(
         "directories",
         nargs="+",
@@ -465,14 +452,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"training run directories ({RUN_CONFIG}) and evaluation output directories ({SUMMARY})",
     )
     parser.add_argument("--out", required=True, type=Path, help=f"directory for {REPORT} and the PNG plots")
-
-
-def main(args: argparse.Namespace) -> None:
-    """Write the report, print the table; a bad directory or --out ends the program with a one-line error."""
+    args = parser.parse_args(argv)
     try:
         table, plots = write_report(args.directories, args.out)
-    except (ReportError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)  # as argparse does for a bad argument
+    except OSError as error:  # --out is a file, or not writable
+        raise ReportError(f"--out {args.out}: {error}") from None
     print(table, end="")
     print(f"wrote {args.out / REPORT} and {len(plots)} plots", file=sys.stderr)

@@ -15,10 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tucka_llm.data import tokenizer_source
+from tucka_llm.errors import TuckaError
 from tucka_llm.eval.reaper import end_descendants_at_exit
 from tucka_llm.serving.requests import LoRARequests, RoutedRequests
 from tucka_llm.tucka.layer import TuckALayer
@@ -29,7 +27,7 @@ BACKENDS = ("vllm", "hf")
 CONTEXT_TOKENS = 5  # prompt tokens a completion is decoded after (vLLM's incremental detokenizer reads as many)
 
 
-class EvalError(ValueError):
+class EvalError(TuckaError):
     """An evaluation that cannot run as asked; the message names the flag or file to change."""
 
 
@@ -164,19 +162,14 @@ class HFBackend:
         device: str | None = None,
         gate_levels: int | None = None,
     ) -> None:
-        from tucka_llm.adapter_loading import AdapterLoadError, load_checked_adapter
+        from tucka_llm.loading import load_base_model, load_checked_adapter, load_tokenizer, tokenizer_source
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.batch_size = batch_size
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(adapter, model))
+        self.tokenizer = load_tokenizer(tokenizer_source(adapter, model), "--model")
         self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        try:
-            network = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype).to(self.device)
-        except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
-            raise EvalError(f"--model {model}: could not load it ({' '.join(str(error).split())}).") from error
+        network = load_base_model(model, "--model", torch_dtype).to(self.device)
         non_finite = [name for name, p in network.named_parameters() if not bool(torch.isfinite(p).all())]
         if non_finite:
             raise EvalError(
@@ -184,10 +177,7 @@ class HFBackend:
                 "evaluate a model whose training and export finished cleanly."
             )
         if adapter is not None:
-            try:
-                network = load_checked_adapter(network, Path(adapter), "--model")
-            except AdapterLoadError as error:
-                raise EvalError(str(error)) from error
+            network = load_checked_adapter(network, Path(adapter), "--model")
         self.model = network.eval()
         self.routed = any(isinstance(module, TuckALayer) for module in network.modules())
         self.gate_levels = gate_levels

@@ -2,7 +2,7 @@
 problems (in MetaMathQA form, prompts masked, tokenised exactly as training tokenises).
 
 Accuracy on a few dozen problems moves in steps of several percent and cannot tell small models apart; the loss on
-the same problems' reference solutions shows what training moved (docs/benchmarks.md). ``python -m tucka_llm loss``
+the same problems' reference solutions shows what training moved (docs/benchmarks.md). ``tucka loss``
 writes it as ``held_out_loss.json`` into an evaluation directory, where the report reads it.
 """
 
@@ -15,13 +15,13 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
-from tucka_llm.adapter_loading import load_checked_adapter
-from tucka_llm.atomic import atomic_write_json
-from tucka_llm.data import DataError, asset_path, gsm8k_to_metamathqa, tokenize_metamathqa, tokenizer_source
+from tucka_llm.data import DataError, asset_path, gsm8k_to_metamathqa, tokenize_metamathqa
+from tucka_llm.io.atomic import atomic_write_json
+from tucka_llm.layout import HELD_OUT_LOSS
+from tucka_llm.loading import load_base_model, load_checked_adapter, load_tokenizer, tokenizer_source
 
-HELD_OUT_LOSS = "held_out_loss.json"
 MAX_LEN = 384  # the demo's training length
 BATCH_SIZE = 8
 
@@ -44,8 +44,6 @@ def held_out_batches(
 ) -> list[dict[str, torch.Tensor]]:
     """``records`` tokenised as training does (prompt masked with -100), right-padded, in batches of 8."""
     tokenizer.padding_side = "right"  # positions count from the first token, as in training
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     data = tokenize_metamathqa(datasets.Dataset.from_list(records), tokenizer, max_len).dataset
     collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     return [
@@ -76,11 +74,8 @@ def held_out_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 
 def load_model(model: str, adapter: str | None = None, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """A model (or a base with an unmerged adapter, checked as evaluation checks it: ``load_checked_adapter``) in
-    eval mode; a model that does not load is a DataError naming it, an adapter that does not fit an AdapterLoadError."""
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise DataError(f"--model {model}: could not load it ({error}).") from error
+    eval mode; a model or adapter that does not load is a LoadError naming it."""
+    loaded = load_base_model(model, "--model", dtype)
     if adapter is not None:
         loaded = load_checked_adapter(loaded, Path(adapter), "--model")
     return loaded.eval()
@@ -98,13 +93,26 @@ def check_loss_arguments(args: argparse.Namespace) -> None:
         raise DataError(f"--output {args.output} is a file: give a directory (an evaluation's output directory).")
 
 
-def write_held_out_loss(args: argparse.Namespace) -> dict[str, Any]:
-    """``python -m tucka_llm loss`` (its arguments are in ``tucka_llm.__main__``): the held-out loss of --model (with
-    --adapter) written to OUTPUT/held_out_loss.json."""
-    import tucka_llm  # noqa: F401 (registers TuckA with peft before an adapter loads)
+def main(argv: list[str] | None = None, prog: str = "tucka loss") -> None:
+    """``tucka loss``: parse the flags, measure, write OUTPUT/held_out_loss.json."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Write OUTPUT/{HELD_OUT_LOSS}: the mean cross-entropy per response token that --model (with "
+        "--adapter) gives the reference solutions of the first --limit shipped test problems, in MetaMathQA form "
+        "and tokenised as training does. `tucka report` shows it beside the accuracy of the same evaluation directory.",
+    )
+    parser.add_argument("--model", required=True, help="model directory (a merged checkpoint, or the base)")
+    parser.add_argument("--adapter", default=None, help="an unmerged adapter on --model")
+    parser.add_argument("--task", choices=["gsm8k", "math"], default="gsm8k", help="shipped test set")
+    parser.add_argument("--limit", type=int, default=40, help="the first N test problems")
+    parser.add_argument("--output", required=True, help=f"directory for {HELD_OUT_LOSS} (an evaluation's)")
+    write_held_out_loss(parser.parse_args(argv))
 
+
+def write_held_out_loss(args: argparse.Namespace) -> dict[str, Any]:
+    """The held-out loss of --model (with --adapter) written to OUTPUT/held_out_loss.json (``main``'s flags)."""
     check_loss_arguments(args)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.adapter, args.model))
+    tokenizer = load_tokenizer(tokenizer_source(args.adapter, args.model), "--model")
     batches = held_out_batches(shipped_test_records(args.task, args.limit), tokenizer)
     loss, tokens = held_out_loss(load_model(args.model, args.adapter), batches)
     record = {

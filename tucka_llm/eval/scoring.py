@@ -1,5 +1,9 @@
 """Answer extraction and scoring for GSM8K and MATH: ``extract_answer(_with_rule)`` and ``is_correct``.
 
+About 450 lines, kept in one module on purpose: every rule below and every equivalence guard decides together
+whether one completion is right, and each guard exists because of a rule (docs/evaluation.md); split, a change to
+one would be made without the others in view.
+
 The answer of a completion is read by the first of these rules (``RULES``) that finds one; records name the rule:
 
 1. ``marker``: the rest of the line after the last "The answer is:" (MetaMath's convention; the colon is required,

@@ -1,32 +1,33 @@
-"""Command line of ``launch/export.py``."""
+"""Command line of ``tucka export``: a merged checkpoint (``export.merge``) or routed LoRA adapters
+(``export.lora``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from tucka_llm.atomic import one_line_when_disk_full
 from tucka_llm.export import export_lora
-from tucka_llm.export.merge import DTYPES, export_merged
+from tucka_llm.export.merge import DEFAULT_DTYPE, DEFAULT_MAX_SHARD_SIZE, DTYPES, export_merged
 from tucka_llm.export.route import DEFAULT_ROUTE, ROUTE_SYNTAX, ExportError
-from tucka_llm.locking import OutputInUse
+from tucka_llm.io.atomic import one_line_when_disk_full
 from tucka_llm.serving.routed_lora import DEFAULT_GATE_LEVELS
+from tucka_llm.tucka.calibration import DEFAULT_SAMPLES
 
 FORMATS = ("merged", "lora")
 MERGED_ONLY = ("route", "dtype", "device", "max_shard_size")  # flags without a meaning for --format lora
-MERGED_DEFAULTS = {"dtype": "bfloat16", "max_shard_size": "5GB"}
+MERGED_DEFAULTS = {"dtype": DEFAULT_DTYPE, "max_shard_size": DEFAULT_MAX_SHARD_SIZE}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "tucka export") -> argparse.ArgumentParser:
+    """The flags of ``tucka export``; the defaults are those of ``export_merged`` and ``export_lora``."""
     parser = argparse.ArgumentParser(
-        prog="launch/export.py",
+        prog=prog,
         description="Merge a trained TuckA, LoRA or DoRA adapter into its base model: a plain Hugging Face "
         "checkpoint for transformers and vLLM. --format lora instead converts a TuckA adapter into peft LoRA "
         "adapters, one per served route, with the router that picks a prompt's route (routed serving).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--adapter", required=True, help="the adapter: launch/train.py's output directory")
+    parser.add_argument("--adapter", required=True, help="the adapter: a training run (tucka train --output)")
     parser.add_argument("--out", required=True, help="output directory (written atomically)")
     parser.add_argument("--base", default=None, help="base model (default: the one recorded in the adapter)")
     parser.add_argument(
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"lora only: values each gate of a served route is rounded to (default: {DEFAULT_GATE_LEVELS})",
     )
     parser.add_argument(
-        "--dtype", default=None, choices=list(DTYPES), help="merged only: dtype of the merged weights (bfloat16)"
+        "--dtype",
+        default=None,
+        choices=list(DTYPES),
+        help=f"merged only: dtype of the merged weights ({DEFAULT_DTYPE})",
     )
     parser.add_argument(
         "--calibration-data",
@@ -55,26 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="MetaMathQA-style data to recompute the calibration routing features from, when the adapter directory has "
         "no tucka_router_calibration.safetensors (a .json/.jsonl file, gsm8k-train, or a hub id)",
     )
-    parser.add_argument("--calibration-samples", type=int, default=256, help="sequences sampled for the calibration")
+    parser.add_argument(
+        "--calibration-samples", type=int, default=DEFAULT_SAMPLES, help="sequences sampled for the calibration"
+    )
     parser.add_argument("--device", default=None, help="merged only: where layers are merged (default: cuda if any)")
-    parser.add_argument("--max-shard-size", default=None, help="merged only: largest safetensors shard (5GB)")
+    parser.add_argument(
+        "--max-shard-size", default=None, help=f"merged only: largest safetensors shard ({DEFAULT_MAX_SHARD_SIZE})"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "tucka export") -> None:
+    """Parse the flags and write the export; a full disk is one line (nothing partial is kept)."""
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("tucka_llm").setLevel(logging.INFO)
     full = "nothing partial was kept: free space there and run the same command again."
-    try:
-        with one_line_when_disk_full(f"--out {args.out}", full):
-            if args.format == "lora":
-                export_routed(args)
-            else:
-                export_checkpoint(args)
-    except (ExportError, OutputInUse) as error:
-        sys.exit(f"error: {error}")
+    with one_line_when_disk_full(f"--out {args.out}", full):
+        if args.format == "lora":
+            export_routed(args)
+        else:
+            export_checkpoint(args)
 
 
 def export_checkpoint(args: argparse.Namespace) -> None:

@@ -21,28 +21,32 @@ import peft
 import torch
 from huggingface_hub.serialization._base import parse_size_to_int
 from peft.tuners.tuners_utils import BaseTunerLayer
-from safetensors import SafetensorError
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.adapter_loading import AdapterLoadError, adapter_method, load_checked_adapter, saved_adapter_config
-from tucka_llm.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
-from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa, tokenizer_source
+from tucka_llm.data import DataError, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export.route import DEFAULT_ROUTE, ChosenRoute, ExportError, RouteSpec, choose_route
-from tucka_llm.locking import LOCK_FILE, exclusive
-from tucka_llm.quantization import describe_quantization, read_quantization_record
-from tucka_llm.tucka.calibration import calibration_batches
+from tucka_llm.io.atomic import atomic_directory, atomic_write_json, atomic_write_text, remove_stale_directories
+from tucka_llm.io.locking import LOCK_FILE, exclusive
+from tucka_llm.layout import ADAPTER_CONFIG, EXPORT_RECORD, MODEL_CARD, ROUTE_RECORD
+from tucka_llm.loading import (
+    adapter_method,
+    describe_quantization,
+    load_trained,
+    saved_adapter_config,
+)
+from tucka_llm.tucka.calibration import DEFAULT_SAMPLES, calibration_batches
 from tucka_llm.tucka.dai import calibration_features
 from tucka_llm.tucka.model import routing
 
 logger = logging.getLogger("tucka_llm")
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-ROUTE_FILE = "tucka_route.json"
-EXPORT_RECORD = "tucka_export.json"
 CALIBRATION_MAX_LEN = 512  # the training default (--max-len)
 CALIBRATION_SEED = 42  # the training default (--seed)
+DEFAULT_DTYPE = "bfloat16"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 @dataclass
@@ -61,11 +65,11 @@ def export_merged(
     *,
     base: str | None = None,
     route: str | None = None,
-    dtype: str = "bfloat16",
+    dtype: str = DEFAULT_DTYPE,
     calibration_data: str | None = None,
-    calibration_samples: int = 256,
+    calibration_samples: int = DEFAULT_SAMPLES,
     device: str | None = None,
-    max_shard_size: str = "5GB",
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
 ) -> ExportResult:
     """Merge the adapter in ``adapter`` into its base and write the checkpoint to ``out`` (atomically).
@@ -78,7 +82,7 @@ def export_merged(
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype}: not supported; choose one of {', '.join(DTYPES)}.")
     check_flags(device, max_shard_size, calibration_samples)
-    config = read_adapter_config(adapter)
+    config = saved_adapter_config(adapter)
     base = resolve_base(config, base, adapter)
     with export_target(adapter, out, base, force):
         return _export(adapter, out, config, base, route, dtype, calibration_data, calibration_samples, device,
@@ -119,16 +123,14 @@ def _export(
     force: bool,
 ) -> ExportResult:
     """``export_merged`` once its flags are read and ``out`` is locked."""
-    method = export_method(config)
+    method = adapter_method(config)
     spec = RouteSpec.parse(route or DEFAULT_ROUTE)
     if method != "tucka" and route is not None:
         raise ExportError(f"--route applies to TuckA adapters only; {adapter} holds a {method} adapter.")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    base_model = load_base(base)
-    quantization = quantized_training(adapter, base, base_model)
-    model = load_adapter(base_model, adapter)
-    tokenizer = load_tokenizer(adapter, base)
+    trained = load_trained(adapter, base, "--base")
+    model, tokenizer, quantization = trained.model, trained.tokenizer, trained.quantization
     chosen = None
     if method == "tucka":
         chosen = choose_route(
@@ -141,7 +143,7 @@ def _export(
         "base": base,
         "adapter": str(adapter.resolve()),
         "method": method,
-        "adapter_config": json.loads((adapter / "adapter_config.json").read_text()),  # as saved: lists, not sets
+        "adapter_config": json.loads((adapter / ADAPTER_CONFIG).read_text()),  # as saved: lists, not sets
         "dtype": dtype,
         "route": None if chosen is None else chosen.to_json(),
         "trained_on_quantized_base": quantization,
@@ -153,9 +155,9 @@ def _export(
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(tmp)
         if chosen is not None:
-            atomic_write_json(tmp / ROUTE_FILE, chosen.to_json())
+            atomic_write_json(tmp / ROUTE_RECORD, chosen.to_json())
         atomic_write_json(tmp / EXPORT_RECORD, record)
-        atomic_write_text(tmp / "README.md", model_card(record, out.name, chosen))
+        atomic_write_text(tmp / MODEL_CARD, model_card(record, out.name, chosen))
 
     atomic_directory(out, write, replace=force)
     logger.info("merged %s checkpoint (%s) written to %s", method, dtype, out)
@@ -191,33 +193,6 @@ def check_calibration_samples(samples: int) -> None:
         raise ExportError(f"--calibration-samples must be at least 1, got {samples}.")
 
 
-def read_adapter_config(adapter: Path) -> peft.PeftConfig:
-    """The adapter's peft config, with an error that says what is missing or broken."""
-    if not adapter.is_dir():
-        raise ExportError(f"--adapter {adapter}: no such directory (give the output directory of launch/train.py).")
-    if not (adapter / "adapter_config.json").is_file():
-        hint = ""
-        if (adapter / "checkpoints").is_dir():
-            hint = (
-                " The run has not finished: resume it, or export a checkpoint (--adapter OUT/checkpoints/checkpoint-N)."
-            )
-        raise ExportError(f"--adapter {adapter}: no adapter_config.json in it.{hint}")
-    if not any((adapter / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ExportError(f"--adapter {adapter}: adapter_config.json but no adapter_model.safetensors beside it.")
-    try:
-        return saved_adapter_config(adapter)
-    except AdapterLoadError as error:
-        raise ExportError(str(error)) from error
-
-
-def export_method(config: peft.PeftConfig) -> str:
-    """``adapter_method`` of the adapter, as an ExportError when it is none that export knows."""
-    try:
-        return adapter_method(config)
-    except AdapterLoadError as error:
-        raise ExportError(f"{error} Export merges TuckA, LoRA and DoRA adapters.") from None
-
-
 def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
     """Refuse, before any work, an output that exists without --force or that would replace an input."""
     if out.exists() and not out.is_dir():
@@ -228,51 +203,6 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
             raise ExportError(f"--out {out}: replacing it would delete the input {path}; choose another directory.")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ExportError(f"--out {out}: exists and is not empty; pass --force to replace it, or choose another.")
-
-
-def quantized_training(adapter: Path, base: str, base_model: PreTrainedModel) -> dict[str, Any] | None:
-    """The adapter's record of a base quantised in training (None if it was not), logged: the export uses the
-    full-precision base, the usual QLoRA practice."""
-    quantization = read_quantization_record(adapter)
-    if quantization is not None:
-        logger.info(
-            "the adapter was trained on its base quantised to %s; it is exported against %s loaded in full "
-            "precision (%s), the usual QLoRA practice",
-            describe_quantization(quantization),
-            base,
-            str(base_model.dtype).removeprefix("torch."),
-        )
-    return quantization
-
-
-def load_base(base: str) -> PreTrainedModel:
-    """The base model on the CPU in the dtype it is stored in (no up-cast of the whole model)."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(base, dtype="auto", low_cpu_mem_usage=True)
-    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
-        raise ExportError(
-            f"--base {base}: could not load it ({error}). Give the base model the adapter was trained on."
-        ) from error
-
-
-def load_adapter(model: PreTrainedModel, adapter: Path) -> peft.PeftModel:
-    """The adapter on ``model`` (adapter weights in fp32); a base it does not fit, a non-finite or unreadable
-    adapter is an error naming the layers or the file (``load_checked_adapter``)."""
-    try:
-        return load_checked_adapter(model, adapter, "--base")
-    except AdapterLoadError as error:
-        raise ExportError(str(error)) from error
-
-
-def load_tokenizer(adapter: Path, base: str) -> PreTrainedTokenizerBase:
-    """The tokenizer saved with the adapter (training saves it), else the base model's."""
-    source = tokenizer_source(adapter, base)
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ExportError(
-            f"No tokenizer could be loaded from {source} ({error}); save one beside the adapter."
-        ) from error
 
 
 def features_recomputer(
@@ -290,8 +220,6 @@ def features_recomputer(
             sample = tokenize_metamathqa(data.select(order.tolist()), tokenizer, CALIBRATION_MAX_LEN).dataset
         except DataError as error:
             raise ExportError(f"--calibration-data: {error}") from error
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
         batches = calibration_batches(sample, samples, CALIBRATION_SEED, tokenizer)
         (features,) = calibration_features(model, batches).values()
         return features, {
@@ -374,7 +302,7 @@ def model_card(record: dict[str, Any], name: str, chosen: ChosenRoute | None = N
             "merged into the base in full precision"
         )
     if chosen is not None:
-        lines.append(f"- TuckA route folded in: {chosen.describe()} ({ROUTE_FILE})")
+        lines.append(f"- TuckA route folded in: {chosen.describe()} ({ROUTE_RECORD})")
         lines.append(f"- {served_inputs(chosen)}")
     lines += [
         "",

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tucka_llm.errors import TuckaError
 from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, load_router_calibration
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.router import TuckARouter
@@ -38,7 +39,7 @@ DEFAULT_ROUTE = "expected"
 REDRAW_DRAWS = 16  # draws of the redraw router averaged over (its route is random)
 
 
-class ExportError(ValueError):
+class ExportError(TuckaError):
     """An export that cannot be done as asked; the message names the flag or file to change."""
 
 
@@ -193,7 +194,7 @@ def calibration_sample(
 def no_calibration_error(what: str, rule: str, adapter_dir: Path) -> ExportError:
     """The error for a rule that needs calibration features that neither training nor --calibration-data gave."""
     return ExportError(
-        f"{rule}: needs the {what}, but {adapter_dir} has no {ROUTER_CALIBRATION} with them (launch/train.py writes "
+        f"{rule}: needs the {what}, but {adapter_dir} has no {ROUTER_CALIBRATION} with them (tucka train writes "
         "it). Pass --calibration-data (a MetaMathQA .json/.jsonl or gsm8k-train) to recompute them"
     )
 

@@ -1,5 +1,5 @@
 """Routed serving of TuckA adapters by LoRA engines (vLLM): each prompt's route computed outside the model
-(``PromptRouter``) and served by that route's LoRA adapter (``RoutedLoRA``, made by ``launch/export.py --format
+(``PromptRouter``) and served by that route's LoRA adapter (``RoutedLoRA``, made by ``tucka export --format
 lora``)."""
 
 from tucka_llm.serving.prompt_router import PromptRouter, PromptRouterError

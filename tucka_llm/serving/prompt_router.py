@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from tucka_llm.errors import TuckaError
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.router import TuckARouter, make_router
 from tucka_llm.tucka.routing import Route
@@ -33,7 +34,7 @@ NORM_NAME = "input_layernorm"
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj")
 
 
-class PromptRouterError(ValueError):
+class PromptRouterError(TuckaError):
     """The adapter's router cannot be computed outside the model; the message says why and what to do instead."""
 
 

@@ -7,20 +7,21 @@ import os
 
 import peft
 import torch
-from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 import tucka_llm
-from tucka_llm.quantization import quantization_config
+from tucka_llm import loading
+from tucka_llm.errors import TuckaError
+from tucka_llm.loading import quantization_config
 from tucka_llm.training.options import TrainOptions
 from tucka_llm.tucka.model import linear_layer_names
 
 logger = logging.getLogger("tucka_llm")
 
 
-class ModelError(ValueError):
-    """A base model that cannot be adapted as asked; the message says which flag to change."""
+class ModelError(TuckaError):
+    """A base model that cannot be adapted as asked (``--target-modules``); the message lists what it has."""
 
 
 def load_base_model(options: TrainOptions) -> PreTrainedModel:
@@ -30,19 +31,9 @@ def load_base_model(options: TrainOptions) -> PreTrainedModel:
     computes on (``quantization_device``): bitsandbytes quantises a weight where it is placed.
     """
     dtype = precision_dtype(options)
-    quantized = {}
-    if options.quantize is not None:
-        quantized = {
-            "quantization_config": quantization_config(dtype),
-            "device_map": {"": quantization_device()},
-        }
-    try:
-        return AutoModelForCausalLM.from_pretrained(options.model, dtype=dtype, low_cpu_mem_usage=True, **quantized)
-    except (OSError, SafetensorError) as error:  # SafetensorError: a truncated or corrupt weights file
-        raise ModelError(
-            f"--model {options.model}: could not load it ({error}). Give a local model directory or a hub id this "
-            "machine can download."
-        ) from error
+    if options.quantize is None:
+        return loading.load_base_model(options.model, "--model", dtype)
+    return loading.load_base_model(options.model, "--model", dtype, quantization_config(dtype), quantization_device())
 
 
 def precision_dtype(options: TrainOptions) -> torch.dtype:

@@ -13,7 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
-from tucka_llm.atomic import atomic_write_json
+from tucka_llm.io.atomic import atomic_write_json
 
 COMPLETE_MARKER = "tucka_checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -1,24 +1,34 @@
-"""Command line of ``launch/train.py``: every flag, its default (the paper's reference run) and its checks."""
+"""Command line of ``tucka train``: every flag, its default (the paper's reference run) and its checks."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from dataclasses import asdict, dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from transformers import SchedulerType
 
 from tucka_llm.data import OVERLONG_POLICIES, SHIPPED_DATASETS
-from tucka_llm.quantization import QUANTIZATIONS
+from tucka_llm.errors import TuckaError
+from tucka_llm.loading import QUANTIZATIONS
+from tucka_llm.tucka.calibration import DEFAULT_SAMPLES
 from tucka_llm.tucka.router import ROUTERS
 
 METHODS = ("tucka", "lora", "dora")
 OPTIMIZERS = {"adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit"}  # ours -> TrainingArguments.optim
 PRECISIONS = ("bf16", "fp32")
 SCHEDULERS = tuple(s.value for s in SchedulerType)  # transformers' names, checked before anything is written
+# The DeepSpeed configs shipped in the package (tucka_llm/ds_configs; the repository's ds_configs/ links to them):
+# zero2 is the reference run's, zero2_offload keeps the optimizer on the CPU, zero3 partitions the base too.
+DS_CONFIGS = ("zero2", "zero2_offload", "zero3")
 REFERENCE_GLOBAL_BATCH = 32  # sequences per optimizer step in the paper's run (section 6 of the method notes)
+
+
+class RunError(TuckaError):
+    """A run that cannot start as asked (output directory, batch sizes, configs); the message names the flag."""
 
 
 @dataclass
@@ -39,7 +49,7 @@ class TrainOptions:
     router: str = "centred"
     normalize_gates: bool = True
     perturb_scale: float = 20.0
-    dai_samples: int = 256
+    dai_samples: int = DEFAULT_SAMPLES
     lora_r: int = 32
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
@@ -114,16 +124,16 @@ def _alpha(text: str) -> float | str:
 _alpha.__name__ = "alpha"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "tucka train") -> argparse.ArgumentParser:
+    """The flags of ``tucka train``; each default is the ``TrainOptions`` field's."""
     d = TrainOptions()
     parser = argparse.ArgumentParser(
-        prog="launch/train.py",
+        prog=prog,
         description=(
             "Fine-tune a causal LM with TuckA, LoRA or DoRA on MetaMathQA-style data. With no flags other than "
             "--ds, the paper's reference run: Llama-2-7B, the first 100,000 MetaMathQA examples, TuckA r16 k4 t2 "
-            "p2, 2 epochs, BF16, global batch 32. Start it with `deepspeed launch/train.py --ds "
-            "ds_configs/zero2.json` (multi-node: DeepSpeed's --hostfile), or `python launch/train.py` for one "
-            "process."
+            "p2, 2 epochs, BF16, global batch 32. Start it with `deepspeed $(which tucka) train --ds zero2` "
+            "(multi-node: DeepSpeed's --hostfile), or `tucka train` for one process."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -132,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ds",
         default=d.ds,
         metavar="CONFIG",
-        help="DeepSpeed config (ds_configs/zero2.json, zero2_offload.json, zero3.json); its 'auto' "
-        "values are filled from these flags. Without it, one process and no DeepSpeed.",
+        help=f"DeepSpeed config: a shipped one by name ({', '.join(DS_CONFIGS)}) or a JSON file; its 'auto' values "
+        "are filled from these flags. Without it, one process and no DeepSpeed.",
     )
     run.add_argument("--model", default=d.model, help="base model: hub id or local directory")
     run.add_argument("--tokenizer", default=d.tokenizer, help="tokenizer: hub id or directory (default: --model)")
@@ -266,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=QUANTIZATIONS,
         default=d.quantize,
         help="load the base model's Linear layers in 4-bit NF4 with double quantisation (bitsandbytes, as QLoRA), "
-        "computing in --precision; the adapter trains in full precision, and launch/export.py merges it into the "
+        "computing in --precision; the adapter trains in full precision, and tucka export merges it into the "
         "full-precision base. Without it the base is loaded in --precision",
     )
     opt.add_argument(
@@ -291,10 +301,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_options(argv: list[str] | None = None) -> TrainOptions:
+def ds_config_path(value: str) -> str:
+    """``--ds``: a shipped config's name (``DS_CONFIGS``) as the path of the file installed with the package."""
+    if value in DS_CONFIGS:
+        return str(resources.files("tucka_llm").joinpath("ds_configs", f"{value}.json"))
+    return value
+
+
+def parse_options(argv: list[str] | None = None, prog: str = "tucka train") -> TrainOptions:
     """Parse and check the command line; a bad combination exits with a message naming the flag."""
-    parser = build_parser()
+    parser = build_parser(prog)
     namespace = parser.parse_args(argv)
+    if namespace.ds is not None:
+        namespace.ds = ds_config_path(namespace.ds)
     options = TrainOptions(**{f.name: getattr(namespace, f.name) for f in fields(TrainOptions)})
     # Local paths are recorded absolute: export finds the model from anywhere, and --resume compares the files
     # themselves, however they were typed or wherever the command is run from.
@@ -311,5 +330,5 @@ def parse_options(argv: list[str] | None = None) -> TrainOptions:
     if options.lr_scheduler not in SCHEDULERS:
         parser.error(f"--lr-scheduler {options.lr_scheduler}: unknown; choose one of {', '.join(SCHEDULERS)}.")
     if options.ds is not None and not Path(options.ds).is_file():
-        parser.error(f"--ds {options.ds}: no such file (the configs are in ds_configs/).")
+        parser.error(f"--ds {options.ds}: no such file; give a JSON file or a shipped config: {', '.join(DS_CONFIGS)}.")
     return options

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tucka_llm.atomic import atomic_write_json, sync_files
+from tucka_llm.errors import TuckaError
+from tucka_llm.io.atomic import atomic_write_json, sync_files
 from tucka_llm.training import checkpoints
 from tucka_llm.tucka.model import routing_metrics
 
@@ -30,7 +31,7 @@ def _peak_memory_gb() -> float:
 
 
 class RunTrainer(Trainer):
-    """``transformers.Trainer`` for one run of ``launch/train.py``.
+    """``transformers.Trainer`` for one run of ``tucka train``.
 
     ``log`` adds tokens/s (non-padding tokens, all ranks), peak memory per rank and the adapter's routing metrics
     (``routing_metrics``: for TuckA the expert-group load and routing entropy, summed over ranks), then appends the
@@ -123,7 +124,7 @@ class _RestoreLossWindow(TrainerCallback):
         trainer._globalstep_last_logged = int(window["last_logged_step"])
 
 
-class NonFiniteError(ValueError):
+class NonFiniteError(TuckaError):
     """Training produced a NaN or infinite value; the message names the step and what was not finite."""
 
 

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tucka_llm.atomic import atomic_write
+from tucka_llm.io.atomic import atomic_write
 from tucka_llm.tucka.dai import calibration_features, routers
 from tucka_llm.tucka.model import routing_states
 

@@ -203,7 +203,7 @@ class TuckALayer(nn.Module, BaseTunerLayer):
         if not weight.dtype.is_floating_point:
             raise ValueError(
                 f"TuckA: the base weight of this {type(self.get_base_layer()).__name__} is stored quantised "
-                f"({weight.dtype}); {action} the base loaded in full precision (launch/export.py does)."
+                f"({weight.dtype}); {action} the base loaded in full precision (tucka export does)."
             )
         return weight
 

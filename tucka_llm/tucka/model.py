@@ -22,8 +22,8 @@ from tucka_llm.tucka.routing import (
     RouteMixture,
     RoutingMode,
     RoutingState,
+    check_gate_levels,
     install_forward_hook,
-    validate_gate_levels,
     validate_mode,
 )
 
@@ -237,7 +237,7 @@ def routing(model: nn.Module, mode: RoutingMode, gate_levels: int | None = None)
     if gate_levels is not None:
         if isinstance(mode, Route | RouteMixture):
             raise ValueError("gate_levels quantise the routes the router computes; a fixed route is used as given.")
-        validate_gate_levels(gate_levels)  # here, not at the first forward
+        check_gate_levels(gate_levels)  # here, not at the first forward
     previous = [(state.mode, state.gate_levels) for state in states]
     try:
         for state in states:

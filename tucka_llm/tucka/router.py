@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tucka_llm.tucka.routing import ActiveRoute, routing_features, validate_gate_levels
+from tucka_llm.tucka.routing import ActiveRoute, check_gate_levels, routing_features
 
 
 class UncalibratedRouterError(RuntimeError):
@@ -164,7 +164,7 @@ class TuckARouter(nn.Module):
         (routed serving, ``tucka_llm.serving``). Done in float64 so that every caller that starts from the same
         gates ends on the same grid values.
         """
-        validate_gate_levels(levels)
+        check_gate_levels(levels)
         low, high = self.gate_range()
         gates = route.gates.double()
         if levels == 1 or high == low:

