@@ -21,6 +21,7 @@ from tucka_llm.eval.backends import EvalError, Generation, HFBackend
 from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.records import extraction_rules, read_records, score, summarise
 from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate
+from tucka_llm.loading import LoadError
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}
@@ -320,7 +321,7 @@ def test_an_evaluation_refused_when_its_model_loads_leaves_nothing_behind(adapte
         task="gsm8k", model=str(tiny_model), adapter=str(corrupt), data="gsm8k", limit=1, backend="hf",
         output=str(tmp_path / "out"),
     )  # fmt: skip
-    with pytest.raises(EvalError, match="not a readable safetensors file"):
+    with pytest.raises(LoadError, match="not a readable safetensors file"):
         evaluate(options)
     assert not (tmp_path / "out").exists()  # neither eval_settings.json nor an empty directory
 

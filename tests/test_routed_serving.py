@@ -16,13 +16,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import tucka_llm
+from tucka_llm.cli import main as tucka_main
 from tucka_llm.eval import backends
 from tucka_llm.eval.backends import EvalError
 from tucka_llm.eval.problems import load_problems
 from tucka_llm.eval.run import EvalOptions, evaluate
 from tucka_llm.export import ExportError, export_lora
-from tucka_llm.export.cli import main as export_main
 from tucka_llm.serving import RoutedLoRA, route_name
+from tucka_llm.serving.routed_lora import RoutedLoRAError
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import last_routes, routing
 from tucka_llm.tucka.router import gate_range, make_router
@@ -172,7 +173,9 @@ def test_export_writes_the_calibration_routes_a_manifest_and_the_router(routed_e
 
 def test_the_command_line_exports_routed_lora_and_refuses_merged_only_flags(adapters, tmp_path, capsys):
     out = tmp_path / "lora"
-    export_main(["--adapter", str(adapters["tucka"]), "--out", str(out), "--format", "lora", "--gate-levels", "3"])
+    tucka_main(
+        ["export", "--adapter", str(adapters["tucka"]), "--out", str(out), "--format", "lora", "--gate-levels", "3"]
+    )
     assert "route adapters" in capsys.readouterr().out
     assert json.loads((out / "manifest.json").read_text())["gate_levels"] == 3
     refusals = {
@@ -183,7 +186,7 @@ def test_the_command_line_exports_routed_lora_and_refuses_merged_only_flags(adap
     }  # fmt: skip
     for flags, message in refusals.items():
         with pytest.raises(SystemExit, match=message):
-            export_main(["--adapter", str(adapters["tucka"]), "--out", str(tmp_path / "x"), *flags])
+            tucka_main(["export", "--adapter", str(adapters["tucka"]), "--out", str(tmp_path / "x"), *flags])
     assert not (tmp_path / "x").exists()
 
 
@@ -198,7 +201,7 @@ def test_what_cannot_be_served_as_routed_lora_is_refused(adapters, tiny_model, t
         export_lora(tmp_path / "redraw", tmp_path / "a")
     late = tucka_llm.TuckAConfig(**TUCKA_CONFIG | {"layers_to_transform": [1]}, task_type="CAUSAL_LM")
     save_adapter(tmp_path / "late", tiny_model, late, tokenizer)
-    with pytest.raises(ExportError, match=r"routes at 'model.layers.1.self_attn.q_proj', whose input is not"):
+    with pytest.raises(RoutedLoRAError, match=r"routes at 'model.layers.1.self_attn.q_proj', whose input is not"):
         export_lora(tmp_path / "late", tmp_path / "a", calibration_data="gsm8k-train", calibration_samples=8)
     assert not (tmp_path / "a").exists()
 

@@ -65,6 +65,8 @@ def run(name: str, argv: list[str], prog: str | None = None) -> None:
     try:
         main(*arguments)
     except TuckaError as error:
+        if error.exit_status == 1:
+            sys.exit(f"error: {error}")  # Python prints it to stderr and exits with 1
         print(f"error: {error}", file=sys.stderr)
         sys.exit(error.exit_status)
 

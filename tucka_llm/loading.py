@@ -151,8 +151,8 @@ def load_trained(adapter: Path, base: str, base_flag: str) -> Trained:
     quantization = read_quantization_record(adapter)
     if quantization is not None:
         logger.info(
-            "the adapter was trained on its base quantised to %s; it is used with %s loaded in full precision (%s), "
-            "the usual QLoRA practice",
+            "the adapter was trained on its base quantised to %s; it is exported against %s loaded in full precision "
+            "(%s), the usual QLoRA practice",
             describe_quantization(quantization),
             base,
             str(model.dtype).removeprefix("torch."),

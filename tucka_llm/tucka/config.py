@@ -31,8 +31,8 @@ def width_scaled_alpha(width: int) -> float:
 class TuckAConfig(PeftConfig):
     """Configuration of a TuckA adapter.
 
-    Defaults are the paper's Llama-2-7B reference run (r16 k4 t2 p2, alpha 512, perturbation 20 on q_proj and
-    v_proj); see ``shared/docs/tucka-method.md`` section 6.
+    Defaults are the paper's Llama-2-7B reference run (r16 k4 t2 p2, alpha "auto" = 512 there, perturbation 20 on
+    q_proj and v_proj); see the method note (docs/method.md), section 6.
 
     Args:
         r: rank of every expert (size of the subspace factor U, d x r).

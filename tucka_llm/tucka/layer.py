@@ -7,7 +7,8 @@ also holds the adapter's router (``tucka_router``: its centroids E and, for the 
     M = alpha * sum_j g_j sum_q C^[j, q] G^_i[q]        (r x r; ^ = divided by its Frobenius norm)
     y = base_layer(x + (x U^) M U^T)
 
-i.e. W (I + alpha U^ M U^T)^T: two thin (d x r) matmuls per token, like LoRA; no d x d matrix is ever formed.
+i.e. the weight W (I + U^ M U^T)^T (alpha is inside M): two thin (d x r) matmuls per token, like LoRA; no d x d
+matrix is ever formed.
 Several active adapters add their updates, each under its own route: y = base_layer(x + sum_a (x U_a) M_a U_a^T).
 """
 

@@ -178,9 +178,10 @@ class TuckARouter(nn.Module):
 
 
 class CentredRouter(TuckARouter):
-    """logits E (h - e_bar); E = e_bar + eps for every row (an unperturbed row would score exactly 0 for every
-    input). e_bar is a float32 buffer that stays float32 whatever the model is cast to: the centring must be exact
-    in a bf16 run, and a saved float32 e_bar must load without a bf16 rounding."""
+    """logits E (h - e_bar); E = e_bar + eps for every row (unperturbed, every row would give an input the same
+    score e_bar . (h - e_bar): eps is what tells the groups apart). e_bar is a float32 buffer that stays float32
+    whatever the model is cast to: the centring must be exact in a bf16 run, and a saved float32 e_bar must load
+    without a bf16 rounding."""
 
     kind = "centred"
     degenerate_at_centre = True
