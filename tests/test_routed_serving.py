@@ -23,6 +23,7 @@ from tucka_llm.eval.problems import load_problems
 from tucka_llm.eval.run import EvalOptions, evaluate
 from tucka_llm.export import ExportError, export_lora
 from tucka_llm.serving import RoutedLoRA, route_name
+from tucka_llm.serving.requests import RoutedRequests
 from tucka_llm.serving.routed_lora import RoutedLoRAError
 from tucka_llm.tucka.dai import routing_layers
 from tucka_llm.tucka.model import last_routes, routing
@@ -169,6 +170,16 @@ def test_export_writes_the_calibration_routes_a_manifest_and_the_router(routed_e
     assert all(Path(m.split("=")[1]).is_dir() for m in modules)
     router_tensors = load_file(routed_export / "router" / "router.safetensors")
     assert set(router_tensors) == {"embedding.weight", "norm.weight", "centroids", "center"}
+
+
+def test_the_engine_gets_a_slot_for_every_route_that_can_occur_sized_from_the_adapter(routed_export, tiny_model):
+    """vLLM holds max_loras adapters at once; with fewer slots than routes a long evaluation swaps adapters."""
+    routed = RoutedLoRA(routed_export)
+    served = RoutedRequests(routed, routed.prompt_router())
+    assert served.max_loras == TUCKA_CONFIG["k"] * LEVELS  # t = 2, normalised gates: one free gate per group
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    adapted = [m for name, m in base.named_modules() if name.endswith(("q_proj", "v_proj"))]
+    assert served.slot_bytes == TUCKA_CONFIG["r"] * sum(m.in_features + m.out_features for m in adapted) * 2
 
 
 def test_the_command_line_exports_routed_lora_and_refuses_merged_only_flags(adapters, tmp_path, capsys):

@@ -26,6 +26,7 @@ import tucka_llm
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_lora, export_merged
 from tucka_llm.io.locking import exclusive_directory
+from tucka_llm.models import tiny_llama_config
 from tucka_llm.recipes.stages import free_port
 from tucka_llm.training import parse_options
 from tucka_llm.training.adapters import add_adapter, load_base_model
@@ -283,6 +284,9 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
         1,
     )
     assert "auto" not in json.dumps(ds)  # every "auto" of ds_configs/zero2.json was filled from the flags
+    # ZeRO-2 allocates two gradient buffers of reduce_bucket_size elements, however few parameters train: sized from
+    # the model (hidden size squared), not 5e8 (2 x 0.93 GiB in bf16)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == tiny_llama_config().hidden_size ** 2
 
 
 def bf16_differs_from(values: torch.Tensor) -> bool:
@@ -330,6 +334,10 @@ def test_offload_and_zero3_configs_train_a_few_steps(tiny_model, tmp_path, ds, f
     assert set(digests) == {0, 1} and digests[0] == digests[1]
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics(output))
     assert (output / "adapter_model.safetensors").is_file()
+    record = json.loads((output / "run_config.json").read_text())
+    # ZeRO-3: no rank ever holds the whole base (HF's loader partitions it as it loads); else the CPU, whole
+    assert record["base_placement"] == ("partitioned over the ranks (ZeRO-3)" if ds == "zero3" else "cpu")
+    assert len(record["host_peak_rss_gb_at_load"]) == 2 and all(v > 0 for v in record["host_peak_rss_gb_at_load"])
 
 
 def test_one_process_without_deepspeed_trains_and_saves_a_loadable_adapter(tiny_model, tmp_path):

@@ -58,10 +58,10 @@ def load_base_model(
     device: torch.device | None = None,
     advice: str = ANY_SOURCE,
 ) -> PreTrainedModel:
-    """The causal LM at ``source`` in ``dtype`` ("auto": as stored, no up-cast of the whole model), loaded on
-    ``device`` (default the CPU); with ``quantization`` its Linear layers are quantised by bitsandbytes as they load,
-    on ``device`` (bitsandbytes quantises a weight where it is placed). ``flag`` and ``advice`` make the message of a
-    model that does not load (missing, not a model, a truncated or corrupt weights file)."""
+    """The causal LM at ``source`` in ``dtype`` ("auto": as stored, no up-cast of the whole model), loaded straight
+    onto ``device`` (default the CPU); with ``quantization`` its Linear layers are quantised by bitsandbytes as they
+    load, on ``device`` (bitsandbytes quantises a weight where it is placed). ``flag`` and ``advice`` make the message
+    of a model that does not load (missing, not a model, a truncated or corrupt weights file)."""
     placement: dict[str, Any] = {}
     if quantization is not None or device is not None:
         placement["device_map"] = {"": device or torch.device("cpu")}

@@ -14,10 +14,32 @@ import peft
 from safetensors import safe_open
 
 from tucka_llm.serving.prompt_router import PromptRouter
-from tucka_llm.serving.routed_lora import LORA_WEIGHTS, RoutedLoRA, route_name
+from tucka_llm.serving.routed_lora import FACTORS, LORA_WEIGHTS, RoutedLoRA, route_name
 from tucka_llm.tucka.routing import Route
 
-MAX_LORAS = 16  # adapters in one engine batch at most (vLLM's max_loras); more routes wait their turn
+# GPU memory the route adapters' slots may take at most (vLLM's max_loras slots, each holding one adapter). Every
+# route of the reference settings fits far below it: k x levels = 20 slots of ~17 MB at Llama-2-7B (r 16, q_proj and
+# v_proj, bf16), 0.33 GiB; settings with more routes than fit share the slots, and vLLM swaps adapters in and out.
+SLOT_BUDGET_BYTES = 2**30
+
+
+def possible_routes(routed: RoutedLoRA) -> int:
+    """How many served routes there are: per group, one per combination of quantised gates; with normalised gates
+    the t gates sum to 1 before they are rounded, so t - 1 of them choose the route (k x levels at t = 2)."""
+    free = routed.t - 1 if routed.manifest["router"].get("normalize_gates", True) else routed.t
+    return routed.k * routed.gate_levels**free
+
+
+def slot_bytes(routed: RoutedLoRA, dtype_bytes: int = 2) -> int:
+    """GPU memory of one adapter slot in vLLM: per adapted module a rank-r A (r x in) and B (out x r) in the served
+    dtype (2 bytes: bf16/fp16), read from the routed directory's factor shapes. vLLM rounds r up to a rank it
+    supports (16 and 32 are) and allocates the k slice of its packed qkv layer too: up to 1.5x this for q and v."""
+    rank = routed.rank
+    with safe_open(str(routed.directory / FACTORS), framework="pt") as f:
+        shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}  # noqa: SIM118
+    a_keys = [key for key in shapes if key.endswith(".lora_A")]
+    widths = sum(shapes[key][1] + shapes[key.removesuffix(".lora_A") + ".wu"][0] for key in a_keys)
+    return rank * widths * dtype_bytes
 
 
 def module_suffixes(modules: Iterable[str]) -> list[str]:
@@ -61,7 +83,8 @@ class RoutedRequests:
     def __init__(self, routed: RoutedLoRA, router: PromptRouter) -> None:
         self.routed, self.router = routed, router
         self.max_rank = routed.rank
-        self.max_loras = min(routed.k * routed.gate_levels ** (routed.t - 1), MAX_LORAS)
+        self.slot_bytes = slot_bytes(routed)
+        self.max_loras = max(1, min(possible_routes(routed), SLOT_BUDGET_BYTES // self.slot_bytes))
         self.target_modules = module_suffixes(routed.manifest["lora"]["modules"])
         self.ids: dict[str, int] = {}
 

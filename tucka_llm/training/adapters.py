@@ -24,16 +24,19 @@ class ModelError(TuckaError):
     """A base model that cannot be adapted as asked (``--target-modules``); the message lists what it has."""
 
 
-def load_base_model(options: TrainOptions) -> PreTrainedModel:
-    """The base model in the run's precision, on the CPU (the DeepSpeed engine moves it to the accelerator).
+def load_base_model(options: TrainOptions, partitioned: bool = False) -> PreTrainedModel:
+    """The base model in the run's precision, loaded where this rank computes: straight onto its GPU when there is
+    one (``rank_device``: no full copy of the base in host RAM per rank), else on the CPU.
 
-    With ``--quantize 4bit`` its Linear layers are quantised by bitsandbytes as they load, on the device the rank
-    computes on (``quantization_device``): bitsandbytes quantises a weight where it is placed.
+    ``partitioned`` (ZeRO-3): HF's loader partitions the weights over the ranks as they load (DeepSpeed's
+    ``zero.Init``, enabled by the run's TrainingArguments made before this call), so no rank holds the whole base.
+    With ``--quantize 4bit`` the Linear layers are quantised by bitsandbytes as they load, on this rank's device:
+    bitsandbytes quantises a weight where it is placed.
     """
     dtype = precision_dtype(options)
-    if options.quantize is None:
-        return loading.load_base_model(options.model, "--model", dtype)
-    return loading.load_base_model(options.model, "--model", dtype, quantization_config(dtype), quantization_device())
+    quantization = quantization_config(dtype) if options.quantize is not None else None
+    device = None if partitioned else rank_device()
+    return loading.load_base_model(options.model, "--model", dtype, quantization, device)
 
 
 def precision_dtype(options: TrainOptions) -> torch.dtype:
@@ -41,11 +44,18 @@ def precision_dtype(options: TrainOptions) -> torch.dtype:
     return torch.bfloat16 if options.precision == "bf16" else torch.float32
 
 
-def quantization_device() -> torch.device:
-    """This rank's GPU (DeepSpeed's launcher sets LOCAL_RANK), else the CPU."""
+def base_placement(model: nn.Module) -> str:
+    """Where the base's weights are once loaded: partitioned over the ranks (ZeRO-3's ``zero.Init``), else the
+    device that holds them whole, for the run's record."""
+    weight = next(p for p in model.parameters() if not p.requires_grad)
+    return "partitioned over the ranks (ZeRO-3)" if hasattr(weight, "ds_id") else str(weight.device)
+
+
+def rank_device() -> torch.device | None:
+    """This rank's GPU (DeepSpeed's launcher sets LOCAL_RANK); None on a machine without CUDA (the CPU)."""
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return None
 
 
 def check_target_modules(model: nn.Module, targets: list[str]) -> None:

@@ -76,6 +76,15 @@ def one_rank_without_launcher() -> None:
     logger.info("no distributed launcher: running as one rank (start it with `deepspeed` for several)")
 
 
+def per_rank(value: object) -> list[object]:
+    """``value`` of every rank, in rank order, on every rank (one value without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def barrier() -> None:
     """Wait for every rank (nothing to wait for in a single process)."""
     if dist.is_available() and dist.is_initialized():

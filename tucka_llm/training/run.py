@@ -23,7 +23,7 @@ from tucka_llm.io.atomic import atomic_write_json
 from tucka_llm.io.locking import exclusive_directory
 from tucka_llm.layout import METRICS, QUANTIZATION_RECORD, RUN_CONFIG
 from tucka_llm.loading import describe_quantization, load_tokenizer, quantization_record, quantized_linear_layers
-from tucka_llm.training.adapters import add_adapter, load_base_model, precision_dtype
+from tucka_llm.training.adapters import add_adapter, base_placement, load_base_model, precision_dtype
 from tucka_llm.training.arguments import (
     gradient_accumulation,
     keep_adapter_whole,
@@ -36,13 +36,14 @@ from tucka_llm.training.distributed import (
     check_ranks_agree,
     main_process_first,
     one_rank_without_launcher,
+    per_rank,
     rank_and_world_size,
     setup_logging,
     unlink_cpu_allreduce_buffer,
 )
 from tucka_llm.training.options import RunError, TrainOptions
 from tucka_llm.training.rundir import check_output, clear_leftovers, prepare_resume, save_final
-from tucka_llm.training.trainer import LogFinalStep, RecordDeepSpeedConfig, RunTrainer, StopAtStep
+from tucka_llm.training.trainer import LogFinalStep, RecordDeepSpeedConfig, RunTrainer, StopAtStep, host_peak_rss_gb
 from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, TuckACalibration
 
 logger = logging.getLogger("tucka_llm")
@@ -96,7 +97,13 @@ def _train(
     logger.info("data %s: %s", options.data, tokenized.summary(options.max_len))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
 
-    model = add_adapter(load_base_model(options), options)
+    zero3 = zero_stage(ds_config) == 3
+    # ZeRO-3: TrainingArguments made before the base loads make HF's loader partition it over the ranks (zero.Init);
+    # HF finds them through a weak reference, so they are held until the base is loaded.
+    loading_args = training_arguments(options, output, grad_accum, ds_config) if zero3 else None
+    model = add_adapter(load_base_model(options, partitioned=zero3), options)
+    del loading_args
+    host_rss = per_rank(host_peak_rss_gb())  # every rank's host RAM peak once the base is loaded
     quantization = None
     if options.quantize is not None:
         quantization = quantization_record(precision_dtype(options))
@@ -113,7 +120,7 @@ def _train(
         tokenized.dataset, options.dai_samples, options.seed, output / ROUTER_CALIBRATION, {"data": options.data}
     )
     callbacks: list[TrainerCallback] = [LogFinalStep(), calibration]
-    if zero_stage(ds_config) == 3:
+    if zero3:
         keep_adapter_whole(ds_config, model)
     if ds_config is not None:
         callbacks.append(RecordDeepSpeedConfig(output / RUN_CONFIG))
@@ -132,6 +139,8 @@ def _train(
                 "deepspeed_config": ds_config,
                 "resolved": _resolved_settings(model),
                 "base_quantization": quantization,
+                "base_placement": base_placement(model),
+                "host_peak_rss_gb_at_load": host_rss,
                 "data": {
                     "examples": len(tokenized.dataset),
                     "records": tokenized.total,
@@ -161,7 +170,7 @@ def _train(
             "stopped at step %d of %d; continue with --resume", trainer.state.global_step, trainer.state.max_steps
         )
         return None
-    check_ranks_agree(trainer, zero_stage(ds_config) == 3, rank)
+    check_ranks_agree(trainer, zero3, rank)
     save_final(trainer, output, rank, {QUANTIZATION_RECORD: quantization} if quantization else {})
     logger.info("finished: adapter, tokenizer and metrics in %s", output)
     return output

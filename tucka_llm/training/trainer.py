@@ -23,11 +23,25 @@ from tucka_llm.tucka.model import routing_metrics
 logger = logging.getLogger("tucka_llm")
 
 
-def _peak_memory_gb() -> float:
-    """Peak accelerator memory of this process (CUDA), else its peak resident memory (CPU runs)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+def host_peak_rss_gb() -> float:
+    """This process's peak resident memory in host RAM, GiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def memory_gb() -> dict[str, float]:
+    """This rank's memory, GiB: ``peak_memory_gb`` is the peak allocated by PyTorch on the GPU (on a CPU run, the
+    process's peak host RAM). On a GPU also the allocator's peak reserved memory (allocated plus its cache) and the
+    device's used memory now (``mem_get_info``: reserved plus the CUDA context, NCCL's buffers and any other
+    process), which is what must fit the card."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {"peak_memory_gb": host_peak_rss_gb()}
+    free, total = torch.cuda.mem_get_info()
+    return {
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+        "device_used_gb": (total - free) / 2**30,
+        "host_peak_rss_gb": host_peak_rss_gb(),
+    }
 
 
 class RunTrainer(Trainer):
@@ -81,9 +95,15 @@ class RunTrainer(Trainer):
         return {"tokens_per_s": (tokens - previous[1]) / (now - previous[0])}
 
     def _peak_memory(self) -> dict[str, float]:
-        local = torch.tensor([_peak_memory_gb()], device=self.args.device, dtype=torch.float64)
-        per_rank = self.accelerator.gather(local).cpu().tolist()
-        return {"peak_memory_gb": max(per_rank)} | {f"peak_memory_gb/rank{i}": v for i, v in enumerate(per_rank)}
+        """``memory_gb`` of every rank: each key's largest value, and each rank's as ``KEY/rankN``."""
+        mine = memory_gb()
+        local = torch.tensor(list(mine.values()), device=self.args.device, dtype=torch.float64)
+        per_rank = self.accelerator.gather(local.unsqueeze(0)).cpu().tolist()  # (ranks, keys)
+        logs = {}
+        for column, key in enumerate(mine):
+            values = [row[column] for row in per_rank]
+            logs |= {key: max(values)} | {f"{key}/rank{i}": v for i, v in enumerate(values)}
+        return logs
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(tensor.to(self.args.device), reduction="sum")
