@@ -1,7 +1,23 @@
-"""The GPU benchmark suite: one command on a CUDA machine, one table, one JSON file.
+"""The GPU benchmark suite, in sections that each write their rows as soon as they end: made for GPU slots of a few
+minutes, where a command that runs out of time must still leave what it measured.
 
-    python bench/gpu_suite.py --out gpu_suite.json          # one GPU: Llama-2-7B shape (not yet run on a GPU)
-    python bench/gpu_suite.py --dry-run --out dry.json      # CPU, tiny shapes: the same steps, about a minute
+    python bench/gpu_suite.py --out results/ --workdir /tmp/suite                 # every section, Llama-2-7B shape
+    python bench/gpu_suite.py --out results/ --workdir /tmp/suite --sections train
+    python bench/gpu_suite.py --out results/ --workdir /tmp/suite --sections merge,generate   # a second command
+    python bench/gpu_suite.py --dry-run --out dry/                                # CPU, tiny shapes, about a minute
+
+``--out DIR`` gets ``suite.json`` (every row so far, with each section's wall time), rewritten atomically after
+each section. ``--workdir`` keeps the random model (built once, on the GPU, saved once) and the training runs, so a
+later command with the same ``--workdir`` goes on from them: ``merge`` and ``generate`` use the TuckA run that
+``train`` left there. Sections: train, overhead, merge, generate (the default is all four, in that order).
+
+Time budget on one H100 (estimated, not yet measured on a GPU; the dry run records each section's time on the CPU):
+building and saving the 7B model once about 30 s (random init on the GPU, 13.5 GB written); each training run
+about 50-60 s, most of it process start, DeepSpeed init and reading 13.5 GB, the 20 steps themselves a few seconds
+(4 P T = 1.4e13 FLOPs a step at 1 x 512 tokens: 0.05-0.1 s at 150-300 TFLOP/s), four runs about 4 min; the overhead
+section about 10 s; the merge about 60 s (13.5 GB read and written, 64 layers merged on the GPU); generate about 40 s
+(64 prompts x 256 tokens, batches of 16, about 25 ms a step for a 7B model). About 6 minutes in all: run ``train``
+alone first where a command may take at most 10 minutes.
 
 It needs torch with CUDA, transformers, peft, deepspeed, datasets and this project, and no network: the model has
 Llama-2-7B's shape with seeded random weights in bf16, built here; the data is written here. bitsandbytes is needed
@@ -10,9 +26,10 @@ for the 4-bit row only (without it that row says so); vLLM is not used. In order
 1. Training through the real launcher (``deepspeed launch/train.py``, one GPU, ds_configs/zero2.json, bf16), micro-batch
    1 x 512 tokens (every sequence is cut to 512), the reference adapter settings (TuckA r16 k4 t2 p2 alpha 512, LoRA
    and DoRA r32 alpha 32, on q_proj and v_proj), for TuckA, LoRA, DoRA and TuckA on the base quantised to 4-bit NF4
-   (``--quantize 4bit``): peak ``torch.cuda.max_memory_allocated`` (GiB, neither the CUDA context nor the
-   allocator's cache), tokens/s after the warm-up steps, both as ratios to LoRA, and whether the peak stays within
-   22 GiB: what a 24 GB card (the paper's reference run) leaves for the context and the cache at micro-batch 1.
+   (``--quantize 4bit``): peak ``torch.cuda.max_memory_allocated`` (GiB), tokens/s after the warm-up steps, both as
+   ratios to LoRA, and whether the run fits a 24 GB card (the paper's reference run), judged from the device's used
+   memory (``mem_get_info``: the allocator's reserved memory with its cache, the CUDA context and NCCL's buffers),
+   or where that is missing from the reserved peak plus ``CONTEXT_GIB``, against ``CARD_24GB_GIB`` usable.
 2. The adapter-overhead benchmark (bench/adapter_overhead.py's step, four layers of Llama-2-7B's width, 1 x 512
    tokens) with its memory measured exactly: the CUDA peak of one step above what the model holds.
 3. A merge on the GPU: ``launch/export.py``'s ``export_merged`` of the trained TuckA run into a bf16 checkpoint
@@ -24,21 +41,22 @@ On the CPU (``--dry-run``) the same steps run with a 2-layer, hidden-64 model, 6
 without the DoRA run (it takes LoRA's code path); peak memory is then the processes' RSS (training) or not measured
 (no CUDA), and the 22 GiB check does not apply.
 
-Carrying the dependencies to an offline GPU machine (its image has torch, transformers, peft, accelerate; check
-with ``python3 -m pip show transformers peft``): build the wheels where pip works, at most 64 MiB in all, and put
-them beside the repository (``.whl/``, ignored by git):
+Carrying the dependencies to an offline GPU machine. Its image holds torch, transformers, peft, accelerate, pandas,
+pyarrow, xxhash, tensorboard, sentencepiece, msgpack and einops (and what they pull in: numpy, psutil, tqdm, pyyaml,
+fsspec, huggingface-hub); not deepspeed, datasets or this project. Build the rest where pip works, at most 64 MiB in
+all, into ``.whl/`` beside the repository (ignored by git):
 
+    pip wheel --no-deps -w .whl .                                                         # this project, ~11 MB
     DS_BUILD_OPS=0 pip wheel --no-deps -w .whl deepspeed==0.19.8                          # 2.2 MB, pure Python
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
         --platform manylinux2014_x86_64 --platform manylinux_2_24_x86_64 -d .whl \\
-        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 pydantic==2.14.3 pydantic-core==2.50.4 \\
-        annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2       # 47 MB, 43 of them bitsandbytes
+        datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson==3.1.0 py-cpuinfo==9.0.0 pydantic==2.14.3 \\
+        pydantic-core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 bitsandbytes==0.50.2   # 47 MB
 
 Name ``--python-version`` after the GPU machine's Python, add ``peft==0.21.2`` (0.5 MB) if its peft is not
-0.21-0.22, and leave bitsandbytes out to stay at 6 MB (49 MB with it, deepspeed included). There: ``python3 -m pip
-install --no-index --no-deps .whl/*.whl`` (into the environment, so that its ``deepspeed`` command lies beside
-``python3``, where the launcher looks), then ``PYTHONPATH=. python3 bench/gpu_suite.py --out gpu_suite.json`` from
-the repository.
+0.21-0.22, and leave bitsandbytes out (43 MB of it) to stay near 17 MB; with it about 60 MB. There: ``python3 -m
+pip install --no-index --no-deps .whl/*.whl`` (into the environment, so that its ``deepspeed`` command lies beside
+``python3``), then ``python3 bench/gpu_suite.py --out results/ --workdir /tmp/suite`` from the repository.
 """
 
 from __future__ import annotations
@@ -67,7 +85,9 @@ from tucka_llm.loading import bitsandbytes_missing
 from tucka_llm.models import llama2_7b_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
-FITS_GIB = 22  # a 24 GB card at micro-batch 1, with room for the CUDA context and the allocator's cache
+CARD_24GB_GIB = 22.0  # what a 24 GB card (A10: 22.5 GiB usable, L4, RTX 3090/4090) leaves a process, with margin
+CONTEXT_GIB = 1.0  # the CUDA context and NCCL's buffers, on top of what the allocator reserves
+SECTIONS = ("train", "overhead", "merge", "generate")
 TRAINING = (("tucka", "full"), ("lora", "full"), ("dora", "full"), ("tucka", "4bit"))
 ADAPTERS = {"tucka": "TuckA r16 k4 t2 p2", "lora": "LoRA r32", "dora": "DoRA r32"}
 
@@ -92,8 +112,8 @@ GPU = Scale(
     model=llama2_7b_config(),
     training=TRAINING,
     sequence=512,
-    steps=30,
-    warmup_steps=10,
+    steps=20,
+    warmup_steps=5,
     overhead={"layers": 4, "hidden": 4096, "batch": 1, "seq": 512, "r": 16, "reps": 10},
     prompts=64,
     new_tokens=256,
@@ -159,8 +179,11 @@ def training(scale: Scale, workdir: Path, model: Path) -> tuple[list[Row], dict[
     for method, base in scale.training:
         if base == "4bit" and bitsandbytes_missing("--quantize 4bit"):
             continue
-        print(f"training: {method} on the {base} base", file=sys.stderr, flush=True)
         runs[method, base] = workdir / f"{method}-{base}"
+        if (runs[method, base] / "adapter_model.safetensors").is_file():  # an earlier command's run in --workdir
+            results[method, base] = train_throughput.read_result(runs[method, base], args)
+            continue
+        print(f"training: {method} on the {base} base", file=sys.stderr, flush=True)
         results[method, base] = train_throughput.run_method(method, base, model, runs[method, base], args)
     lora = results["lora", "full"]
     rows = []
@@ -171,10 +194,7 @@ def training(scale: Scale, workdir: Path, model: Path) -> tuple[list[Row], dict[
             continue
         result = results[method, base]
         peak, lora_peak = max(result.peak_gb_per_rank), max(lora.peak_gb_per_rank)
-        if torch.cuda.is_available():
-            check = f"fits 24 GB: {'yes' if peak <= FITS_GIB else 'NO'} (<= {FITS_GIB} GiB)"
-        else:
-            check = "CPU RSS: no GPU memory check"
+        check = fits_24gb(result.gpu_memory_per_rank)
         rows.append(
             Row(
                 "training",
@@ -187,10 +207,22 @@ def training(scale: Scale, workdir: Path, model: Path) -> tuple[list[Row], dict[
                 details={
                     "tokens_per_sequence": result.tokens_per_sequence,
                     "peak_gib_per_rank": result.peak_gb_per_rank,
+                    **result.gpu_memory_per_rank,
                 },
             )
         )
     return rows, {method: path for (method, base), path in runs.items() if base == "full"}
+
+
+def fits_24gb(gpu_memory: dict[str, list[float]]) -> str:
+    """The verdict for a 24 GB card from what the run logged on the GPU (none on the CPU)."""
+    if "device_used_gb" in gpu_memory:
+        used, how = max(gpu_memory["device_used_gb"]), "device used"
+    elif "peak_reserved_gb" in gpu_memory:
+        used, how = max(gpu_memory["peak_reserved_gb"]) + CONTEXT_GIB, f"reserved + {CONTEXT_GIB:g} GiB context"
+    else:
+        return "CPU RSS: no GPU memory check"
+    return f"fits 24 GB: {'yes' if used <= CARD_24GB_GIB else 'NO'} ({how} {used:.2f} <= {CARD_24GB_GIB:g} GiB)"
 
 
 def overhead(scale: Scale, device: str) -> list[Row]:
@@ -218,15 +250,15 @@ def overhead(scale: Scale, device: str) -> list[Row]:
     return rows
 
 
-def merge(scale: Scale, run: Path, workdir: Path, device: str) -> tuple[Row, Path]:
+def merge(scale: Scale, run: Path, workdir: Path, device: str) -> Row:
     """Section 3: the trained TuckA run merged on ``device`` into a checkpoint of ``scale.dtype``."""
     out = workdir / "merged-tucka"
     reset_cuda_peak()
     start = time.perf_counter()
-    result = export_merged(run, out, dtype=scale.dtype, device=device)
+    result = export_merged(run, out, dtype=scale.dtype, device=device, force=True)
     seconds = time.perf_counter() - start
     label = f"TuckA run -> {scale.dtype} checkpoint, layers merged on {device}"
-    return Row("merge", label, seconds=seconds, peak_gib=cuda_peak_gib(), check=result.route.describe()), out
+    return Row("merge", label, seconds=seconds, peak_gib=cuda_peak_gib(), check=result.route.describe())
 
 
 def generate(scale: Scale, model: Path) -> Row:
@@ -262,59 +294,87 @@ def machine() -> str:
     return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def suite(scale: Scale, workdir: Path, dry_run: bool) -> dict[str, Any]:
-    """Every section in order; the record that is printed and written."""
+def suite(scale: Scale, workdir: Path, dry_run: bool, sections: list[str], out: Path) -> dict[str, Any]:
+    """The chosen sections in order, each one's rows added to the record and written to ``out`` as it ends."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = workdir / "model"
-    print(f"building the model in {model}", file=sys.stderr, flush=True)
-    parameters = train_throughput.build_model(scale.model, torch.bfloat16, model)
-    rows, runs = training(scale, workdir, model)
-    rows += overhead(scale, device)
-    merge_row, merged = merge(scale, runs["tucka"], workdir, device)
-    rows += [merge_row, generate(scale, merged)]
-    return {
+    record: dict[str, Any] = {
         "dry_run": dry_run,
         "machine": machine(),
-        "model": {
-            "parameters": parameters,
-            "hidden_size": scale.model.hidden_size,
-            "layers": scale.model.num_hidden_layers,
-            "weights": "random (seed 0), bfloat16",
-        },
         "training": {
-            "ds_config": "ds_configs/zero2.json",
-            "precision": "bf16",
-            "micro_batch": 1,
-            "tokens_per_sequence": scale.sequence,
-            "steps": scale.steps,
-            "warmup_steps": scale.warmup_steps,
+            "ds_config": "zero2", "precision": "bf16", "micro_batch": 1, "tokens_per_sequence": scale.sequence,
+            "steps": scale.steps, "warmup_steps": scale.warmup_steps,
         },
         "versions": tucka_llm.package_versions(
             "torch", "transformers", "peft", "deepspeed", "datasets", "bitsandbytes"
         ),
-        "rows": [asdict(row) for row in rows],
-    }
+        "section_seconds": {},
+        "rows": [],
+    }  # fmt: skip
+    model = workdir / "model"
+    started = time.perf_counter()
+    if (model / "config.json").is_file():
+        parameters = sum(v for v in json.loads((model / "parameters.json").read_text()).values())
+    else:
+        print(f"building the model in {model}", file=sys.stderr, flush=True)
+        parameters = train_throughput.build_model(scale.model, torch.bfloat16, model)
+        atomic_write_json(model / "parameters.json", {"parameters": parameters})
+    record["section_seconds"]["build model"] = time.perf_counter() - started
+    record["model"] = {"parameters": parameters, "hidden_size": scale.model.hidden_size,
+                       "layers": scale.model.num_hidden_layers, "weights": "random (seed 0), bfloat16"}  # fmt: skip
+    merged = workdir / "merged-tucka"
+    for section in sections:
+        started = time.perf_counter()
+        if section == "train":
+            rows, _ = training(scale, workdir, model)
+        elif section == "overhead":
+            rows = overhead(scale, device)
+        elif section == "merge":
+            rows = [merge(scale, tucka_run(workdir), workdir, device)]
+        else:
+            rows = [generate(scale, merged if (merged / "config.json").is_file() else model)]
+        record["section_seconds"][section] = time.perf_counter() - started
+        record["rows"] += [asdict(row) for row in rows]
+        atomic_write_json(out / "suite.json", record)  # what is done stays, whatever happens to the next section
+        print(
+            f"{section}: {record['section_seconds'][section]:.0f} s, written to {out / 'suite.json'}", file=sys.stderr
+        )
+    return record
+
+
+def tucka_run(workdir: Path) -> Path:
+    """The TuckA training run the merge section merges: trained by ``train`` in this or an earlier command."""
+    run = workdir / "tucka-full"
+    if not (run / "adapter_model.safetensors").is_file():
+        sys.exit(
+            f"error: --sections merge needs the TuckA run of the train section in --workdir ({run}): run train first"
+        )
+    return run
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="JSON file for the results (written atomically)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for suite.json, rewritten after each section"
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: check that every step runs")
-    parser.add_argument("--workdir", type=Path, help="new directory for the model, runs and merged checkpoint")
+    parser.add_argument("--workdir", type=Path, help="directory for the model and runs, kept for later commands")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
     args = parser.parse_args()
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    if not sections or any(name not in SECTIONS for name in sections):
+        parser.error(f"--sections {args.sections}: give some of {', '.join(SECTIONS)}")
     if not args.dry_run and not torch.cuda.is_available():
         parser.error("no CUDA device: this suite is for a GPU machine (--dry-run runs it small on the CPU)")
-    if args.workdir is not None and args.workdir.exists() and any(args.workdir.iterdir()):
-        parser.error(f"--workdir {args.workdir} is not empty")
     scale = DRY_RUN if args.dry_run else GPU
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gpu_suite_") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        record = suite(scale, workdir.resolve(), args.dry_run)
+        record = suite(scale, workdir.resolve(), args.dry_run, sections, args.out)
     print(f"\n{record['machine']}; {json.dumps(record['training'])}; {json.dumps(record['versions'])}\n")
     print_table([Row(**row) for row in record["rows"]])
-    atomic_write_json(args.out, record)
-    print(f"\nwritten to {args.out}")
+    print(f"\nsection times (s): {json.dumps({k: round(v, 1) for k, v in record['section_seconds'].items()})}")
+    print(f"written to {args.out / 'suite.json'}")
 
 
 if __name__ == "__main__":

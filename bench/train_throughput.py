@@ -56,6 +56,7 @@ METHODS = ("tucka", "lora", "dora")
 SHAPES = ("small", "medium", "llama2-7b")
 BASES = ("full", "4bit")  # the base in --precision; the base with --quantize 4bit
 FITS_GB = 24
+GPU_MEMORY = ("peak_reserved_gb", "device_used_gb")  # what the launcher logs on a GPU beside the allocated peak
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RunResult:
     tokens_per_s: float
     peak_gb_per_rank: list[float]
     tokens_per_sequence: float
+    gpu_memory_per_rank: dict[str, list[float]]  # on a GPU: GPU_MEMORY's values of each rank
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,21 @@ def run_method(method: str, base: str, model: Path, output: Path, args: argparse
         sys.exit(f"error: {method} on the {base} base failed (exit status {done.returncode}): {' '.join(command)}")
     if base == "4bit" and not (output / QUANTIZATION_RECORD).is_file():
         sys.exit(f"error: the {method} run on the 4-bit base recorded no {QUANTIZATION_RECORD}: was it quantised?")
+    return read_result(output, args)
+
+
+def read_result(output: Path, args: argparse.Namespace) -> RunResult:
+    """What a finished run measured, from its metrics.jsonl (the steps after ``args.warmup_steps``)."""
     records = [json.loads(line) for line in (output / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     start = next(r for r in records if r["step"] == args.warmup_steps)
     last = records[-1]
     tokens = last["num_input_tokens_seen"] - start["num_input_tokens_seen"]
+    gpu = {key: [last[f"{key}/rank{i}"] for i in range(args.ranks)] for key in GPU_MEMORY if f"{key}/rank0" in last}
     return RunResult(
         tokens_per_s=tokens / (last["time"] - start["time"]),
         peak_gb_per_rank=[last[f"peak_memory_gb/rank{i}"] for i in range(args.ranks)],
         tokens_per_sequence=last["num_input_tokens_seen"] / (last["step"] * args.global_batch),
+        gpu_memory_per_rank=gpu,
     )
 
 

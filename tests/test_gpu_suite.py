@@ -10,12 +10,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_gpu_suite_dry_run_trains_each_configuration_merges_generates_and_records_them(tmp_path):
-    out, work = tmp_path / "suite.json", tmp_path / "work"
-    command = [sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out), "--workdir", str(work)]
+def suite(out: Path, work: Path, *flags: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "bench/gpu_suite.py", "--dry-run", "--out", str(out), "--workdir", str(work), *flags]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    record = json.loads(out.read_text())
+    return result
+
+
+def test_gpu_suite_dry_run_in_two_commands_trains_merges_generates_and_records_each_section(tmp_path):
+    """As in a GPU slot: the first command trains; a second, with the same --workdir, goes on from its runs. Each
+    section's rows are in suite.json as soon as it ends."""
+    out, work = tmp_path / "results", tmp_path / "work"
+    suite(out, work, "--sections", "train")
+    first = json.loads((out / "suite.json").read_text())
+    assert {r["section"] for r in first["rows"]} == {"training"} and set(first["section_seconds"]) == {
+        "build model",
+        "train",
+    }
+    result = suite(out, work, "--sections", "train,overhead,merge,generate")  # train: read back, not run again
+    record = json.loads((out / "suite.json").read_text())
+    assert record["section_seconds"]["train"] < first["section_seconds"]["train"] / 4
     assert record["dry_run"] is True and record["training"]["tokens_per_sequence"] == 64
     rows = {section: [r for r in record["rows"] if r["section"] == section] for section in
             ("training", "adapter overhead", "merge", "generate")}  # fmt: skip
