@@ -1,8 +1,9 @@
-"""Model architectures the project builds without the hub (for parameter counts, benchmarks and tests)."""
+"""Model architectures the project builds without the hub (for parameter counts, memory, benchmarks and tests): the
+published configs of the 7-8B models users train, written out, and small Llama shapes for CPU runs."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
+from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
 
 def llama2_7b_config() -> LlamaConfig:
@@ -21,6 +22,67 @@ def llama2_7b_config() -> LlamaConfig:
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+def llama3_8b_config() -> LlamaConfig:
+    """meta-llama/Meta-Llama-3-8B (its config.json): 128,256-token vocabulary, grouped-query attention (8 KV heads)."""
+    return LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        tie_word_embeddings=False,
+    )
+
+
+def qwen2_5_7b_config() -> Qwen2Config:
+    """Qwen/Qwen2.5-7B (its config.json): hidden 3584, 28 layers, 4 KV heads, 152,064-token vocabulary, q/k/v bias."""
+    return Qwen2Config(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=131072,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+    )
+
+
+def mistral_7b_config() -> MistralConfig:
+    """mistralai/Mistral-7B-v0.1 (its config.json): Llama-2-7B's width with 8 KV heads and a wider MLP."""
+    return MistralConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=32768,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        sliding_window=4096,
+        tie_word_embeddings=False,
+    )
+
+
+# The published shapes by name (bench/memory_model.py --shape).
+SHAPES = {
+    "llama2-7b": llama2_7b_config,
+    "llama3-8b": llama3_8b_config,
+    "qwen2.5-7b": qwen2_5_7b_config,
+    "mistral-7b": mistral_7b_config,
+}
 
 
 def small_llama_config() -> LlamaConfig:
