@@ -1,0 +1,143 @@
+"""The reference pipeline at Llama-2-7B's shapes on this CPU, once: what breaks at full size breaks here, before a
+GPU sees it (4096 wide, 32 layers, a 32,000-token vocabulary, a 262 MB prompt router).
+
+    python bench/rehearsal_7b.py --work /tmp/rehearsal     # about an hour on 2 cores, ~20 GiB RAM, ~45 GB disk
+
+Stages, each the project's own command, timed with its peak resident memory (GNU time; a stage's peak is that of
+its largest process):
+1. a random Llama-2-7B-shaped checkpoint stored as the real one is (fp16 safetensors shards, the Llama-2 tokenizer);
+2. ``deepspeed --num_gpus 1 launch/train.py --ds ds_configs/zero2.json``, the reference TuckA settings, bf16, 1 x 512
+   tokens (records longer than 512 tokens, cut), stopped after step 1 with its checkpoint (``--stop-at-step 1``,
+   as a job time limit stops it), then ``--resume``d to step 2; DAI on 32 sequences (the reference's 256 would take
+   half an hour of the CPU's time in layer 0 alone, and change nothing at these shapes);
+3. ``launch/export.py`` merged (bf16) and ``--format lora`` (the routed directory with its prompt router);
+4. ``eval/gsm8k.py`` with vLLM's CPU build on the merged checkpoint, and routed on the base with the adapter:
+   2 GSM8K problems, 8 new tokens each.
+
+The stages skip what is done (``recipes.stages``), so an interrupted rehearsal continues; the table is printed and
+written to ``WORK/rehearsal.json`` as the stages finish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from tucka_llm.data import llama2_tokenizer
+from tucka_llm.io.atomic import atomic_directory, atomic_write_json
+from tucka_llm.models import llama2_7b_config
+from tucka_llm.recipes.stages import Stage, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+PEAK = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
+
+
+def build_checkpoint(directory: Path) -> None:
+    """Random weights (normal, std 0.02, seed 0) in Llama-2-7B's shape, saved in fp16 shards as meta-llama ships it."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama2_7b_config())
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.02)
+        for module in model.modules():
+            if hasattr(module, "variance_epsilon"):  # RMSNorm weights: ones, as trained models' are near
+                module.weight.fill_(1.0)
+    model.to(torch.float16)
+    model.model.rotary_emb.__init__(model.config)  # its inv_freq buffer, left empty by the meta device
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, max_shard_size="10GB")
+        llama2_tokenizer().save_pretrained(tmp)
+
+    atomic_directory(directory, write)
+
+
+def write_data(path: Path, records: int = 64, tokens: int = 600) -> None:
+    """MetaMathQA-style records whose responses run past 512 tokens, so that every sequence is 512 long when cut."""
+    words = " ".join(str(n) for n in range(tokens))  # each number is at least one token
+    lines = (json.dumps({"query": f"Count from 0, record {i}.", "response": words}) for i in range(records))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def stages(work: Path) -> list[Stage]:
+    base, run, merged, routed = work / "llama2-7b-random", work / "train", work / "merged", work / "routed"
+    python, deepspeed = sys.executable, Path(sys.executable).parent / "deepspeed"
+    train = [deepspeed, "--num_gpus", 1, "--master_port", free_port(), "launch/train.py", "--ds",
+             "ds_configs/zero2.json", "--model", base, "--data", work / "data.jsonl", "--max-steps", 2,
+             "--save-steps", 1, "--micro-batch", 1, "--global-batch", 1, "--dai-samples", 32, "--logging-steps", 1,
+             "--overlong", "truncate", "--output", run]  # fmt: skip
+    evaluate = ["--limit", 2, "--max-new-tokens", 8, "--backend", "vllm", "--kv-cache-gb", 1]
+    return [
+        Stage("build", [python, __file__, "--build", base], base / "config.json"),
+        Stage("train-to-step-1", [*train, "--stop-at-step", 1], run / "checkpoints" / "checkpoint-1"),
+        Stage("resume-to-step-2", [*train, "--resume"], run / "adapter_model.safetensors"),
+        Stage("export-merged", [python, "launch/export.py", "--adapter", run, "--out", merged], merged / "config.json"),
+        Stage(
+            "export-lora",
+            [python, "launch/export.py", "--adapter", run, "--out", routed, "--format", "lora"],
+            routed / "manifest.json",
+        ),
+        Stage(
+            "vllm-merged",
+            [python, "eval/gsm8k.py", "--model", merged, *evaluate, "--output", work / "eval-merged"],
+            work / "eval-merged" / "summary.json",
+        ),
+        Stage(
+            "vllm-routed",
+            [python, "eval/gsm8k.py", "--model", base, "--adapter", run, *evaluate, "--output", work / "eval-routed"],
+            work / "eval-routed" / "summary.json",
+        ),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rehearsal"))
+    parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # stage 1 itself
+    args = parser.parse_args()
+    if args.build is not None:
+        build_checkpoint(args.build)
+        return
+    work = args.work.resolve()
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    if not (work / "data.jsonl").is_file():
+        write_data(work / "data.jsonl")
+    record_path = work / "rehearsal.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    for stage in stages(work):
+        if stage.output.exists():
+            print(f"{stage.name}: done already", flush=True)
+            continue
+        log = work / "logs" / f"{stage.name}.log"
+        command = ["/usr/bin/time", "-v", *stage.command_now()]
+        print(f"{stage.name}: {' '.join(map(str, command[2:]))}", flush=True)
+        started = time.perf_counter()
+        with log.open("w") as sink:
+            done = subprocess.run(list(map(str, command)), cwd=REPO, stdout=sink, stderr=subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+        peaks = PEAK.findall(log.read_text(errors="replace"))
+        record[stage.name] = {"seconds": round(seconds, 1), "peak_rss_gib": int(peaks[-1]) / 2**20 if peaks else None,
+                              "exit": done.returncode}  # fmt: skip
+        atomic_write_json(record_path, record)
+        print(
+            f"{stage.name}: exit {done.returncode}, {seconds:.0f} s, peak RSS {record[stage.name]['peak_rss_gib']} GiB"
+        )
+        if done.returncode != 0 or not stage.output.exists():
+            sys.exit(f"error: stage {stage.name} failed; its log: {log}")
+    print("\n| stage | wall time (s) | peak RSS (GiB) |\n|---|---:|---:|")
+    for name, row in record.items():
+        print(f"| {name} | {row['seconds']:.0f} | {row['peak_rss_gib']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
