@@ -26,54 +26,25 @@ def llama2_7b_config() -> LlamaConfig:
 
 def llama3_8b_config() -> LlamaConfig:
     """meta-llama/Meta-Llama-3-8B (its config.json): 128,256-token vocabulary, grouped-query attention (8 KV heads)."""
-    return LlamaConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=128256,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=128000,
-        eos_token_id=128001,
-        tie_word_embeddings=False,
-    )
+    sizes = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+    return LlamaConfig(**sizes, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                       rope_theta=500000.0, bos_token_id=128000, eos_token_id=128001,
+                       tie_word_embeddings=False)  # fmt: skip
 
 
 def qwen2_5_7b_config() -> Qwen2Config:
     """Qwen/Qwen2.5-7B (its config.json): hidden 3584, 28 layers, 4 KV heads, 152,064-token vocabulary, q/k/v bias."""
-    return Qwen2Config(
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        vocab_size=152064,
-        max_position_embeddings=131072,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        use_sliding_window=False,
-    )
+    sizes = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28)
+    return Qwen2Config(**sizes, num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072,
+                       rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                       use_sliding_window=False)  # fmt: skip
 
 
 def mistral_7b_config() -> MistralConfig:
     """mistralai/Mistral-7B-v0.1 (its config.json): Llama-2-7B's width with 8 KV heads and a wider MLP."""
-    return MistralConfig(
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        vocab_size=32000,
-        max_position_embeddings=32768,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        sliding_window=4096,
-        tie_word_embeddings=False,
-    )
+    sizes = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32)
+    return MistralConfig(**sizes, num_key_value_heads=8, vocab_size=32000, max_position_embeddings=32768,
+                         rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False)  # fmt: skip
 
 
 # The published shapes by name (bench/memory_model.py --shape).
