@@ -16,6 +16,11 @@ its largest process):
 
 The stages skip what is done (``recipes.stages``), so an interrupted rehearsal continues; the table is printed and
 written to ``WORK/rehearsal.json`` as the stages finish.
+
+On a 24 GiB machine the 7B training step does not fit: the CPU run was killed for memory at 22.3 GiB, in its first
+step, after loading, DAI and DeepSpeed's engine had passed (docs/benchmarks.md). ``--untrained`` replaces stage 2
+with the same adapter calibrated as training calibrates it and saved as a finished run leaves it, so that export and
+serving still run at full shape.
 """
 
 from __future__ import annotations
@@ -31,10 +36,14 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tucka_llm.data import llama2_tokenizer
+from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.io.atomic import atomic_directory, atomic_write_json
 from tucka_llm.models import llama2_7b_config
 from tucka_llm.recipes.stages import Stage, free_port
+from tucka_llm.training.adapters import add_adapter, load_base_model
+from tucka_llm.training.options import parse_options
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
+from tucka_llm.tucka.dai import calibration_features, initialise_router
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
@@ -58,6 +67,23 @@ def build_checkpoint(directory: Path, config: LlamaConfig | None = None) -> None
     atomic_directory(directory, write)
 
 
+def make_adapter(base: Path, run: Path, data: Path) -> None:
+    """``--untrained``: the reference TuckA adapter on ``base`` calibrated as training calibrates it (DAI on 32
+    sequences, the record export reads) and saved as a finished run leaves it, without a training step: for a
+    machine whose RAM cannot hold the 7B step (see the module docstring), so that export and serving still run at
+    full shape."""
+    options = parse_options(["--model", str(base), "--data", str(data), "--output", str(run), "--precision", "bf16"])
+    model = add_adapter(load_base_model(options), options)
+    tokenizer = llama2_tokenizer()
+    sequences = tokenize_metamathqa(load_metamathqa(str(data)), tokenizer, options.max_len, "truncate").dataset
+    features = calibration_features(model, calibration_batches(sequences, 32, options.seed, tokenizer))
+    initialise_router(model, features, options.seed)
+    run.mkdir(parents=True, exist_ok=True)
+    save_router_calibration(run / ROUTER_CALIBRATION, features, {}, {"data": str(data), "samples": "32", "seed": "42"})
+    model.save_pretrained(run)
+    tokenizer.save_pretrained(run)
+
+
 def write_data(path: Path, records: int = 64, tokens: int = 600) -> None:
     """MetaMathQA-style records whose responses run past 512 tokens, so that every sequence is 512 long when cut."""
     words = " ".join(str(n) for n in range(tokens))  # each number is at least one token
@@ -65,7 +91,7 @@ def write_data(path: Path, records: int = 64, tokens: int = 600) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def stages(work: Path) -> list[Stage]:
+def stages(work: Path, untrained: bool = False) -> list[Stage]:
     base, run, merged, routed = work / "llama2-7b-random", work / "train", work / "merged", work / "routed"
     python, deepspeed = sys.executable, Path(sys.executable).parent / "deepspeed"
     train = [deepspeed, "--num_gpus", 1, "--master_port", free_port(), "launch/train.py", "--ds",
@@ -73,10 +99,16 @@ def stages(work: Path) -> list[Stage]:
              "--save-steps", 1, "--micro-batch", 1, "--global-batch", 1, "--dai-samples", 32, "--logging-steps", 1,
              "--overlong", "truncate", "--output", run]  # fmt: skip
     evaluate = ["--limit", 2, "--max-new-tokens", 8, "--backend", "vllm", "--kv-cache-gb", 1]
-    return [
-        Stage("build", [python, __file__, "--build", base], base / "config.json"),
+    training = [
         Stage("train-to-step-1", [*train, "--stop-at-step", 1], run / "checkpoints" / "checkpoint-1"),
         Stage("resume-to-step-2", [*train, "--resume"], run / "adapter_model.safetensors"),
+    ]
+    if untrained:
+        training = [Stage("adapter-untrained", [python, __file__, "--make-adapter", base, run, work / "data.jsonl"],
+                          run / "adapter_model.safetensors")]  # fmt: skip
+    return [
+        Stage("build", [python, __file__, "--build", base], base / "config.json"),
+        *training,
         Stage("export-merged", [python, "launch/export.py", "--adapter", run, "--out", merged], merged / "config.json"),
         Stage(
             "export-lora",
@@ -99,10 +131,15 @@ def stages(work: Path) -> list[Stage]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rehearsal"))
+    parser.add_argument("--untrained", action="store_true", help="a calibrated adapter saved without training")
     parser.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # stage 1 itself
+    parser.add_argument("--make-adapter", nargs=3, type=Path, help=argparse.SUPPRESS)  # --untrained's stage itself
     args = parser.parse_args()
     if args.build is not None:
         build_checkpoint(args.build)
+        return
+    if args.make_adapter is not None:
+        make_adapter(*args.make_adapter)
         return
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -110,7 +147,7 @@ def main() -> None:
         write_data(work / "data.jsonl")
     record_path = work / "rehearsal.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    for stage in stages(work):
+    for stage in stages(work, args.untrained):
         if stage.output.exists():
             print(f"{stage.name}: done already", flush=True)
             continue
