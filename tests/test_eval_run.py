@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import TUCKA_CONFIG, save_adapter
 
 import tucka_llm
@@ -22,6 +23,7 @@ from tucka_llm.eval.problems import Problem, load_problems
 from tucka_llm.eval.records import extraction_rules, read_records, score, summarise
 from tucka_llm.eval.run import METAMATH_STOP, EvalOptions, evaluate
 from tucka_llm.loading import LoadError
+from tucka_llm.models import llama2_7b_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESPONSE_FIELDS = {"id", "prompt", "completion", "extracted", "rule", "gold", "correct", "correct_metamath", "tokens"}
@@ -346,3 +348,15 @@ def test_a_redraw_adapters_resumed_evaluation_answers_as_an_uninterrupted_one(ti
     assert completions("one-by-one", 6, 1) == straight
     routes = {json.dumps(r["route"]) for r in map(json.loads, (tmp_path / "straight" / "responses.jsonl").open())}
     assert len(routes) > 1  # the prompts took different routes: the test can tell
+
+
+def test_vllm_on_a_cpu_gets_the_context_its_kv_cache_holds(tmp_path):
+    """Llama-2-7B's 4,096-token context needs 2 GiB of keys and values; vLLM's CPU engine refuses to start with the
+    1 GiB evaluation gives it unless the context is cut to what fits (bench/rehearsal_7b.py found it)."""
+    config = llama2_7b_config()
+    config.dtype = torch.float16
+    config.save_pretrained(tmp_path)
+    per_token = 2 * 32 * 32 * 128 * 2  # keys and values, 32 layers x 32 heads x 128, fp16
+    assert backends.context_in_cache(str(tmp_path), 2**30, "auto") == int(0.9 * 2**30 / per_token) // 16 * 16 == 1840
+    assert backends.context_in_cache(str(tmp_path), 2**30, "float32") == 912
+    assert backends.context_in_cache(str(tmp_path), 8 * 2**30, "auto") == 4096  # never above the model's own

@@ -94,9 +94,14 @@ class VLLMBackend:
             if kv_cache_gb is not None:
                 settings["kv_cache_memory_bytes"] = int(kv_cache_gb * 1024**3)
         else:
-            # On a CPU vLLM's default KV cache is a fraction of all RAM (once 20 GiB here): give it a size.
-            settings["kv_cache_memory_bytes"] = int((kv_cache_gb or 1.0) * 1024**3)
+            # On a CPU vLLM's default KV cache is a fraction of all RAM (once 20 GiB here): give it a size, and a
+            # context that fits it (vLLM refuses an engine whose cache cannot hold one sequence of the model's full
+            # length: Llama-2-7B's 4,096 tokens need 2 GiB).
+            cache = int((kv_cache_gb or 1.0) * 1024**3)
+            settings["kv_cache_memory_bytes"] = cache
             settings["enforce_eager"] = True
+            if max_model_len is None:
+                settings["max_model_len"] = context_in_cache(model, cache, dtype)
         self.watchdog = end_descendants_at_exit()  # vLLM's engine processes end with this process, even if killed
         self.llm = vllm.LLM(**settings)
 
@@ -130,6 +135,23 @@ class VLLMBackend:
             )
             for o, adapter in zip(outputs, served, strict=True)
         ]
+
+
+def context_in_cache(model: str, cache_bytes: int, dtype: str) -> int | None:
+    """The longest context whose keys and values fit ``cache_bytes`` (with vLLM's reserve, about 10%), at most the
+    model's own; None (vLLM's default) for a model whose config does not say its attention sizes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    try:
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        layers, longest = config.num_hidden_layers, config.max_position_embeddings
+    except AttributeError:
+        return None
+    width = torch.finfo(config.dtype if dtype == "auto" and config.dtype else getattr(torch, dtype, torch.float16)).bits
+    per_token = 2 * layers * heads * head_dim * width // 8  # keys and values
+    return min(longest, int(0.9 * cache_bytes / per_token) // 16 * 16)
 
 
 def lora_rank(rank: int) -> int:
