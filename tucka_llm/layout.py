@@ -65,9 +65,9 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_metrics(run: Path) -> list[dict[str, Any]]:
-    """The records of a run's ``METRICS`` (``run`` is the run directory or the file itself); none if it is missing.
-    A line that is not a JSON object (a run killed while writing it) is skipped."""
-    path = run / METRICS if run.is_dir() else run
+    """The records of the ``METRICS`` of the run directory ``run``; none if it is missing. A line that is not a JSON
+    object (a run killed while writing it) is skipped."""
+    path = run / METRICS
     if not path.is_file():
         return []
     records = []
