@@ -18,6 +18,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
 
 from tucka_llm.data import DataError, asset_path, gsm8k_to_metamathqa, tokenize_metamathqa
+from tucka_llm.eval import metamath
 from tucka_llm.io.atomic import atomic_write_json
 from tucka_llm.layout import HELD_OUT_LOSS
 from tucka_llm.loading import load_base_model, load_checked_adapter, load_tokenizer, tokenizer_source
@@ -27,8 +28,11 @@ BATCH_SIZE = 8
 
 
 def math_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
-    """A MATH record in MetaMathQA form: its worked solution as the response."""
-    return {"query": record["problem"], "response": record["solution"], "type": "MATH"}
+    """A MATH record in MetaMathQA form (as its MATH_AnsAug records): the worked solution, then "The answer is: X"
+    with X the solution's last \\boxed{} answer."""
+    answer = metamath.remove_boxed(metamath.last_boxed(record["solution"]))
+    response = record["solution"] if answer is None else f"{record['solution']}\nThe answer is: {answer}"
+    return {"query": record["problem"], "response": response, "type": "MATH"}
 
 
 def shipped_test_records(task: str, count: int, start: int = 0) -> list[dict[str, str]]:

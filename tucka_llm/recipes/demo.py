@@ -49,18 +49,26 @@ def evaluate_stages(name: str, model: Path, output: Path, size: DemoSize) -> lis
     return [evaluate_stage(name, model, output, size), loss_stage(f"{name}-loss", model, output, size.problems)]
 
 
-def training_stages(
-    method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
-) -> list[Stage]:
-    """Train ``method`` on 2 CPU ranks (ZeRO-2, fp32, ``size.steps`` steps of 8 sequences) and merge it in fp32 (TuckA
-    under export's default route); ``train_flags`` are passed on to ``tucka train`` (e.g. ``--router``)."""
-    train = [
-        "--model", base, "--data", "gsm8k-train", "--num-examples", size.steps * 8, "--method", method,
+def train(
+    method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = (), data: object = None
+) -> Stage:
+    """Train ``method`` into ``output`` on 2 CPU ranks: ZeRO-2, fp32, ``size.steps`` steps of 8 sequences, the first
+    ``size.steps * 8`` records of ``data`` (default: the shipped GSM8K training problems). ``train_flags`` are passed
+    on to ``tucka train`` after the demo's own (e.g. ``--router``, ``--lr``, ``--max-len``: the last one given wins)."""
+    flags = [
+        "--model", base, "--data", data or "gsm8k-train", "--num-examples", size.steps * 8, "--method", method,
         "--precision", "fp32", "--max-steps", size.steps, "--micro-batch", "4", "--global-batch", "8",
         "--max-len", "384", "--logging-steps", "1", "--save-steps", "1000", *train_flags,
     ]  # fmt: skip
+    return train_stage("train", 2, output, *flags)
+
+
+def training_stages(
+    method: str, base: Path, output: Path, size: DemoSize, train_flags: Sequence[object] = ()
+) -> list[Stage]:
+    """``train`` into ``output/train``, then the adapter merged in fp32 (TuckA under export's default route)."""
     return [
-        train_stage("train", 2, output / "train", *train),
+        train(method, base, output / "train", size, train_flags),
         export_stage("export", output / "train", output / "merged", "--dtype", "float32"),
     ]
 
