@@ -29,7 +29,8 @@ for the 4-bit row only (without it that row says so); vLLM is not used. In order
    (``--quantize 4bit``): peak ``torch.cuda.max_memory_allocated`` (GiB), tokens/s after the warm-up steps, both as
    ratios to LoRA, and whether the run fits a 24 GB card (the paper's reference run), judged from the device's used
    memory (``mem_get_info``: the allocator's reserved memory with its cache, the CUDA context and NCCL's buffers),
-   or where that is missing from the reserved peak plus ``CONTEXT_GIB``, against ``CARD_24GB_GIB`` usable.
+   or where that is missing from the reserved peak plus the context, against the 22.35 GiB a 24 GB card has (one
+   rule for every such verdict: ``bench/memory_model.py``'s ``needed_gib`` and ``CARDS``).
 2. The adapter-overhead benchmark (bench/adapter_overhead.py's step, four layers of Llama-2-7B's width, 1 x 512
    tokens) with its memory measured exactly: the CUDA peak of one step above what the model holds.
 3. A merge on the GPU: ``launch/export.py``'s ``export_merged`` of the trained TuckA run into a bf16 checkpoint
@@ -76,6 +77,7 @@ import adapter_overhead  # bench/ siblings: this script runs as python bench/gpu
 import eval_throughput
 import torch
 import train_throughput
+from memory_model import card_verdict
 from transformers import LlamaConfig
 
 import tucka_llm
@@ -85,8 +87,6 @@ from tucka_llm.loading import bitsandbytes_missing
 from tucka_llm.models import llama2_7b_config, tiny_llama_config
 
 REPO = Path(__file__).resolve().parents[1]
-CARD_24GB_GIB = 22.0  # what a 24 GB card (A10: 22.5 GiB usable, L4, RTX 3090/4090) leaves a process, with margin
-CONTEXT_GIB = 1.0  # the CUDA context and NCCL's buffers, on top of what the allocator reserves
 SECTIONS = ("train", "overhead", "merge", "generate")
 TRAINING = (("tucka", "full"), ("lora", "full"), ("dora", "full"), ("tucka", "4bit"))
 ADAPTERS = {"tucka": "TuckA r16 k4 t2 p2", "lora": "LoRA r32", "dora": "DoRA r32"}
@@ -194,7 +194,7 @@ def training(scale: Scale, workdir: Path, model: Path) -> tuple[list[Row], dict[
             continue
         result = results[method, base]
         peak, lora_peak = max(result.peak_gb_per_rank), max(lora.peak_gb_per_rank)
-        check = fits_24gb(result.gpu_memory_per_rank)
+        check = f"fits 24 GB: {card_verdict(peak, result.gpu_memory_per_rank)}"
         rows.append(
             Row(
                 "training",
@@ -212,17 +212,6 @@ def training(scale: Scale, workdir: Path, model: Path) -> tuple[list[Row], dict[
             )
         )
     return rows, {method: path for (method, base), path in runs.items() if base == "full"}
-
-
-def fits_24gb(gpu_memory: dict[str, list[float]]) -> str:
-    """The verdict for a 24 GB card from what the run logged on the GPU (none on the CPU)."""
-    if "device_used_gb" in gpu_memory:
-        used, how = max(gpu_memory["device_used_gb"]), "device used"
-    elif "peak_reserved_gb" in gpu_memory:
-        used, how = max(gpu_memory["peak_reserved_gb"]) + CONTEXT_GIB, f"reserved + {CONTEXT_GIB:g} GiB context"
-    else:
-        return "CPU RSS: no GPU memory check"
-    return f"fits 24 GB: {'yes' if used <= CARD_24GB_GIB else 'NO'} ({how} {used:.2f} <= {CARD_24GB_GIB:g} GiB)"
 
 
 def overhead(scale: Scale, device: str) -> list[Row]:

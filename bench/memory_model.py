@@ -39,12 +39,11 @@ import peft
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed._tools.mem_tracker import MemTracker
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 import tucka_llm
 from tucka_llm.io.atomic import atomic_write_json
-from tucka_llm.models import SHAPES
+from tucka_llm.models import SHAPES, lora_width
 from tucka_llm.training.options import TrainOptions
 from tucka_llm.tucka.router import TuckARouter
 
@@ -168,6 +167,10 @@ def tracked_step(config: PretrainedConfig, method: str, fake: bool, batch: int =
     model.train()
     with mode or contextlib.nullcontext():
         ids = torch.randint(0, config.vocab_size, (batch, length))
+        # imported here: gpu_suite and train_throughput import this module for its card rule, on GPU images whose
+        # torch may predate the tracker (2.5)
+        from torch.distributed._tools.mem_tracker import MemTracker
+
         tracker = MemTracker()
         tracker.track_external(model)
         with hooks_on_trained_tensors_only(), calibration_taken_as_done(fake), tracker:
@@ -214,19 +217,39 @@ def predict(shape: str, method: str, variant: Variant, ranks: int, ds_config: di
         weights += round(quantized * (NF4_BYTES - 2)) + largest * 2  # one layer's weight dequantised at a time
     deepspeed = deepspeed_bytes(ds_config, config.hidden_size, trainable, ranks)
     peak = (weights + activations + deepspeed) / GIB
-    fits = {card: peak * (1 + CACHE_SHARE) + CONTEXT_GIB <= size for card, size in CARDS.items()}
+    fits = {card: needed_gib(peak)[0] <= size for card, size in CARDS.items()}
     return Prediction(shape, method, variant.gradient_checkpointing, variant.base, trainable, weights / GIB,
                       activations / GIB, deepspeed / GIB, peak, fits)  # fmt: skip
+
+
+def needed_gib(allocated: float, reserved: float | None = None, device_used: float | None = None) -> tuple[float, str]:
+    """What a training process needs of a card (GiB) and how that was judged, from the best figure there is: the
+    device's used memory, measured; else the allocator's reserved peak plus ``CONTEXT_GIB``; else the allocated peak
+    (``max_memory_allocated``, measured or predicted) plus ``CACHE_SHARE`` of it and ``CONTEXT_GIB``. The one rule
+    behind every "fits a card" verdict (this model, bench/gpu_suite.py, bench/train_throughput.py)."""
+    if device_used is not None:
+        return device_used, "device used"
+    if reserved is not None:
+        return reserved + CONTEXT_GIB, f"reserved + {CONTEXT_GIB:g} GiB context"
+    return allocated * (1 + CACHE_SHARE) + CONTEXT_GIB, f"allocated x {1 + CACHE_SHARE:g} + {CONTEXT_GIB:g} GiB"
+
+
+def card_verdict(allocated: float, gpu_memory: dict[str, list[float]], card: str = "24 GB") -> str:
+    """Whether a measured training run fits ``card``: "yes"/"NO" with the figure and how it was judged
+    (``needed_gib`` over the worst rank's logged ``peak_reserved_gb`` and ``device_used_gb``), or "n/a (CPU RSS)"
+    for a run that logged no GPU memory."""
+    if not gpu_memory:
+        return "n/a (CPU RSS)"
+    worst = {key: max(values) for key, values in gpu_memory.items()}
+    needed, how = needed_gib(allocated, worst.get("peak_reserved_gb"), worst.get("device_used_gb"))
+    fits = needed <= CARDS[card]
+    return f"{'yes' if fits else 'NO'} ({how} {needed:.2f} {'<=' if fits else '>'} {CARDS[card]:g} GiB)"
 
 
 def serving_slot_gib(shape: str, rank: int) -> float:
     """One routed-serving adapter slot (``tucka_llm.serving.requests.slot_bytes``), GiB: rank ``rank`` on q_proj and
     v_proj, bf16."""
-    config = SHAPES[shape]()
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    adapted = [m for name, m in model.named_modules() if name.endswith(("q_proj", "v_proj"))]
-    return rank * sum(m.in_features + m.out_features for m in adapted) * 2 / GIB
+    return rank * lora_width(SHAPES[shape]()) * 2 / GIB
 
 
 def print_table(rows: list[Prediction]) -> None:

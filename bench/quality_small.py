@@ -56,6 +56,7 @@ from tucka_llm.export.route import RouteSpec, choose_route
 from tucka_llm.io.atomic import atomic_write_json, atomic_write_text
 from tucka_llm.layout import read_metrics
 from tucka_llm.loading import load_tokenizer
+from tucka_llm.models import lora_width
 from tucka_llm.recipes.demo import DemoSize, train
 from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.recipes.stages import StageFailed, run_stages
@@ -86,14 +87,6 @@ def tucka_parameters(base: Path) -> int:
     return sum(p.numel() for p in tucka.parameters() if p.requires_grad)
 
 
-def lora_parameters_per_rank(base: Path) -> int:
-    """LoRA's trainable parameters per unit of rank on q_proj and v_proj of ``base`` (in + out features per layer)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
-    linears = [m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
-    return sum(m.in_features + m.out_features for m in linears)
-
-
 def variants(names: Iterable[str], base: Path) -> list[Variant]:
     """The ``--variants`` named, with their flags; ``lora-matched`` gets the rank closest to TuckA's parameters."""
     out = []
@@ -101,7 +94,7 @@ def variants(names: Iterable[str], base: Path) -> list[Variant]:
         if name == "lora":
             out.append(Variant(name, "lora", ("--lora-r", LORA_R, "--lora-alpha", LORA_ALPHA)))
         elif name == "lora-matched":
-            rank = max(1, round(tucka_parameters(base) / lora_parameters_per_rank(base)))
+            rank = max(1, round(tucka_parameters(base) / lora_width(AutoConfig.from_pretrained(base))))
             out.append(Variant(name, "lora", ("--lora-r", rank, "--lora-alpha", float(rank))))
         elif name.removeprefix("tucka-") in ROUTERS and name.startswith("tucka-"):
             out.append(Variant(name, "tucka", ("--router", name.removeprefix("tucka-"))))

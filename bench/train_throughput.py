@@ -16,8 +16,9 @@ non-padding tokens of all ranks from step ``--warmup-steps`` to the last step, o
 steps' records in metrics.jsonl.
 
 Peak memory is what the launcher logs at the last step, per rank: on GPU ``torch.cuda.max_memory_allocated``
-(neither the CUDA context nor the allocator's cached blocks are counted, so "fits 24 GB" compares that peak with
-24 GiB and leaves them out); on CPU the peak RSS of each process, which includes the Python/torch runtime, so it is
+(neither the CUDA context nor the allocator's cached blocks are counted; "fits 24 GB" adds them from the reserved
+peak and the device's used memory that the launcher logs beside it, by bench/memory_model.py's ``needed_gib``); on
+CPU the peak RSS of each process, which includes the Python/torch runtime, so it is
 no estimate of GPU memory. ``--max-len`` only caps the sequences: GSM8K examples average about 200 tokens, so the
 peak is that of the longest sequence drawn, and the mean tokens per sequence is printed under the table.
 
@@ -41,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from memory_model import card_verdict  # a bench/ sibling: this script runs as python bench/train_throughput.py
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from tucka_llm.data import llama2_tokenizer
@@ -55,7 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 METHODS = ("tucka", "lora", "dora")
 SHAPES = ("small", "medium", "llama2-7b")
 BASES = ("full", "4bit")  # the base in --precision; the base with --quantize 4bit
-FITS_GB = 24
 GPU_MEMORY = ("peak_reserved_gb", "device_used_gb")  # what the launcher logs on a GPU beside the allocated peak
 
 
@@ -290,7 +291,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
     )
     print(
         "| method | base | tokens/s | tokens/s vs LoRA | peak memory per rank (GB, max over ranks) | memory vs LoRA | "
-        f"memory vs full base | fits {FITS_GB} GB |"
+        "memory vs full base | fits 24 GB |"
     )
     print("|---|---|---:|---:|---|---:|---:|---|")
     for method, base in runs:
@@ -300,7 +301,7 @@ def benchmark(args: argparse.Namespace, workdir: Path) -> None:
         saving = f"{max(peak[method, base]) / max(peak[full]):.3f}" if full in results else "n/a"
         per_rank = " / ".join(f"{gb:.2f}" for gb in peak[method, base])
         label = f"{args.precision}" if base == "full" else f"4-bit NF4, compute {args.precision}"
-        fits = ("yes" if max(peak[method, base]) < FITS_GB else "no") if torch.cuda.is_available() else "n/a (CPU RSS)"
+        fits = card_verdict(max(peak[method, base]), results[method, base][-1].gpu_memory_per_rank)
         print(
             f"| {method} | {label} | {tokens_per_s[method, base]:,.0f} | {speed} | {max(peak[method, base]):.2f} "
             f"({per_rank}) | {memory} | {saving} | {fits} |"

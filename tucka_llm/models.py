@@ -3,7 +3,10 @@ published configs of the 7-8B models users train, written out, and small Llama s
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, MistralConfig, Qwen2Config
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
 
 def llama2_7b_config() -> LlamaConfig:
@@ -105,3 +108,11 @@ def tiny_llama_config() -> LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
     )
+
+
+def lora_width(config: PretrainedConfig, targets: Sequence[str] = ("q_proj", "v_proj")) -> int:
+    """In plus out features summed over the Linear layers named ``targets``: a rank-r LoRA on them trains r times
+    this many parameters, and a vLLM adapter slot holds r times this many values. Counted on the meta device."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.in_features + m.out_features for name, m in model.named_modules() if name.endswith(tuple(targets)))
