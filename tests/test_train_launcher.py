@@ -275,7 +275,8 @@ def test_bf16_tucka_run_trains_from_the_dai_centroids_on_both_ranks_and_writes_a
     assert sum(record[f"expert_load/group{i}"] for i in range(3)) == pytest.approx(1.0)
     config = json.loads((output / "run_config.json").read_text())
     assert (config["world_size"], config["gradient_accumulation_steps"], config["global_batch"]) == (2, 1, 4)
-    assert config["resolved"] == {"alpha": 8.0, "router": "centred", "normalize_gates": True}
+    resolved = {key: config["adapter_config"][key] for key in ("alpha", "router", "normalize_gates")}
+    assert resolved == {"alpha": 8.0, "router": "centred", "normalize_gates": True}  # --alpha auto, resolved
     ds = config["deepspeed_config"]
     assert ds["zero_optimization"]["stage"] == 2 and ds["bf16"]["enabled"] is True
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (

@@ -10,6 +10,7 @@ Trainer: on every rank alike, with the engine's fp32 master set to the calibrate
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -137,7 +138,7 @@ def _train(
                 "gradient_accumulation_steps": grad_accum,
                 "global_batch": options.micro_batch * world_size * grad_accum,
                 "deepspeed_config": ds_config,
-                "resolved": _resolved_settings(model),
+                "adapter_config": _adapter_config(model),
                 "base_quantization": quantization,
                 "base_placement": base_placement(model),
                 "host_peak_rss_gb_at_load": host_rss,
@@ -176,9 +177,7 @@ def _train(
     return output
 
 
-def _resolved_settings(model: torch.nn.Module) -> dict[str, Any]:
-    """Settings the flags leave to the code (``--alpha auto``), as the adapter was built with them."""
-    config = model.peft_config["default"]
-    if not isinstance(config, tucka_llm.TuckAConfig):
-        return {}
-    return {"alpha": config.alpha, "router": config.router, "normalize_gates": config.normalize_gates}
+def _adapter_config(model: torch.nn.Module) -> dict[str, Any]:
+    """The adapter's peft config as built, with what the flags leave to the method resolved (TuckA's ``--alpha auto``),
+    for the run's record at its start (the final adapter_config.json exists only at the end)."""
+    return json.loads(json.dumps(model.peft_config["default"].to_dict(), default=sorted))  # sets -> sorted lists

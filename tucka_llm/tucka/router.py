@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tucka_llm.errors import TuckaError
 from tucka_llm.tucka.routing import ActiveRoute, check_gate_levels, routing_features
 
 
-class UncalibratedRouterError(RuntimeError):
+class UncalibratedRouterError(TuckaError, RuntimeError):
     """A router with centroids is trained before data-aware initialisation; the message says how to calibrate."""
 
 
