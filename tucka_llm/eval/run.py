@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from tqdm.auto import tqdm
 
@@ -121,11 +122,7 @@ class EvalOptions:
         """The method of ``--adapter``: tucka, lora, dora (or another peft method's name); None without one."""
         if self.adapter is None:
             return None
-        config = saved_adapter_config(Path(self.adapter))
-        try:
-            return adapter_method(config)
-        except LoadError:  # another peft method: the checks below say what evaluates it
-            return str(config.peft_type).lower()
+        return method_name(saved_adapter_config(Path(self.adapter)))
 
     def served_gate_levels(self) -> int | None:
         """The gate quantisation of a TuckA adapter's routes: ``--gate-levels``, else routed serving's default on
@@ -200,6 +197,14 @@ def _evaluate(options: EvalOptions, problems: list[Problem], output: Path) -> di
     return summary
 
 
+def method_name(config: peft.PeftConfig) -> str:
+    """tucka, lora, dora, or another peft method's name (``check_model`` says what evaluates it)."""
+    try:
+        return adapter_method(config)
+    except LoadError:
+        return str(config.peft_type).lower()
+
+
 def check_model(options: EvalOptions) -> None:
     """A local model directory must hold weights and a tokenizer; an adapter its config and weights."""
     model = Path(options.model)
@@ -216,18 +221,18 @@ def check_model(options: EvalOptions) -> None:
         if options.gate_levels is not None:
             raise EvalError("--gate-levels applies to a TuckA --adapter (its served routes); none was given.")
         return
-    saved_adapter_config(Path(options.adapter))  # a finished adapter directory, else what is missing
+    config = saved_adapter_config(Path(options.adapter))  # a finished adapter directory, else what is missing
     merged_from = exported_from(model)
     if merged_from is not None and merged_from == Path(options.adapter).resolve():
         raise EvalError(
             f"--model {model} already holds --adapter {options.adapter} merged ({EXPORT_RECORD} names it): the "
             "update would apply twice. Evaluate the merged model without --adapter, or pass the base with --adapter."
         )
-    method = options.adapter_method()
+    method = method_name(config)
     if options.gate_levels is not None:
         if method != "tucka":
             raise EvalError(f"--gate-levels applies to TuckA adapters; {options.adapter} holds a {method} adapter.")
-        router = saved_adapter_config(Path(options.adapter)).router
+        router = config.router
         if ROUTERS[router].draws_routes:
             raise EvalError(
                 f"--gate-levels: the adapter's router is '{router}', whose routes are random draws, so it has no "
