@@ -46,6 +46,7 @@ from pathlib import Path
 
 import peft
 import torch
+from safetensors import safe_open
 from scipy import stats
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -54,13 +55,14 @@ from tucka_llm.data import asset_path, gsm8k_to_metamathqa, gsm8k_train_metamath
 from tucka_llm.eval.loss import held_out_batches, held_out_loss, load_model, math_to_metamathqa
 from tucka_llm.export.route import RouteSpec, choose_route
 from tucka_llm.io.atomic import atomic_write_json, atomic_write_text
-from tucka_llm.layout import read_metrics
+from tucka_llm.layout import ADAPTER_WEIGHTS, read_metrics
 from tucka_llm.loading import load_tokenizer
 from tucka_llm.models import lora_width
 from tucka_llm.recipes.demo import DemoSize, train
 from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.recipes.stages import StageFailed, run_stages
 from tucka_llm.report import series, trainable_parameters
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, load_router_calibration
 from tucka_llm.tucka.router import ROUTERS
 
 SOURCES = ("gsm8k", "math")
@@ -167,6 +169,18 @@ def chance_mutual_information(counts: dict[str, list[int]], draws: int = 1000) -
         values.append(mutual_information(shuffled))
     values.sort()
     return statistics.mean(values), values[int(0.95 * draws)]
+
+
+def router_movement(train_dir: Path) -> float | None:
+    """||E - E0|| / ||E0||: how far training moved the router's centroids E from where DAI set them (None for a
+    router without DAI centroids). Routes change only when E moves against its own scale."""
+    initial = load_router_calibration(train_dir / ROUTER_CALIBRATION, "default").dai_init
+    if initial is None:
+        return None
+    with safe_open(str(train_dir / ADAPTER_WEIGHTS), framework="pt") as weights:
+        (key,) = [k for k in weights.keys() if k.endswith("tucka_router.centroids")]  # noqa: SIM118
+        trained = weights.get_tensor(key).float()
+    return float((trained - initial).norm() / initial.norm())
 
 
 def measure(base: Path, train_dir: Path, batches: Batches) -> dict[str, object]:
@@ -304,9 +318,10 @@ def specialisation(work: Path, names: list[str], lrs: list[float], mix: list[str
     lines = [
         f"\nTuckA: the group each held-out sequence takes, per source (shares), and the mutual information between "
         f"source and group (nats; at most H(source) = ln {len(mix)} = {ceiling:.3f} with equal sources; chance: its "
-        "mean and 95th percentile with the sources shuffled)\n",
-        "| run | " + " | ".join(f"{s} shares" for s in mix) + " | I(source; group) | chance (mean, 95%) |",
-        "|---|" + "---|" * len(mix) + "---:|---:|",
+        "mean and 95th percentile with the sources shuffled); E moved: ||E - E_DAI|| / ||E_DAI||, the router's "
+        "centroids after training against where DAI set them\n",
+        "| run | " + " | ".join(f"{s} shares" for s in mix) + " | I(source; group) | chance (mean, 95%) | E moved |",
+        "|---|" + "---|" * len(mix) + "---:|---:|---:|",
     ]
     for name, lr, r in runs:
         shares = []
@@ -314,9 +329,10 @@ def specialisation(work: Path, names: list[str], lrs: list[float], mix: list[str
             counts = r["route_counts"][s]
             shares.append(" / ".join(f"{c / sum(counts):.2f}" for c in counts))
         chance = chance_mutual_information(r["route_counts"])
+        moved = router_movement(work / run_name(name, lr, r["seed"]) / "train")
         lines.append(
             f"| {name} lr {lr:g} seed {r['seed']} | " + " | ".join(shares) + f" | {r['mutual_information']:.3f} | "
-            f"{chance[0]:.3f}, {chance[1]:.3f} |"
+            f"{chance[0]:.3f}, {chance[1]:.3f} | " + ("–" if moved is None else f"{moved:.1e}") + " |"
         )
     lines += [
         "\nTuckA: held-out loss per source under its own routes (unmerged), under the `expected` fold (the merged "

@@ -209,11 +209,13 @@ def save_router_calibration(
 @dataclass
 class RouterCalibration:
     """One adapter's recorded calibration: the centroid, the per-sequence features (None in records written
-    before tucka-llm 0.2, which kept the centroid alone) and how the sample was drawn."""
+    before tucka-llm 0.2, which kept the centroid alone), how the sample was drawn, and the router's centroids E as
+    DAI set them before training (None for the redraw router, which has none)."""
 
     centroid: torch.Tensor
     features: torch.Tensor | None
     meta: dict[str, str]
+    dai_init: torch.Tensor | None = None
 
 
 def load_router_calibration(path: Path, adapter_name: str) -> RouterCalibration:
@@ -226,9 +228,11 @@ def load_router_calibration(path: Path, adapter_name: str) -> RouterCalibration:
             keys = set(f.keys())
             if f"{adapter_name}.centroid" not in keys:
                 raise ValueError(f"{path} holds no centroid for adapter '{adapter_name}' (keys: {sorted(keys)}).")
-            features = f.get_tensor(f"{adapter_name}.features").float() if f"{adapter_name}.features" in keys else None
-            return RouterCalibration(
-                f.get_tensor(f"{adapter_name}.centroid").float(), features, dict(f.metadata() or {})
+            features, dai_init = (
+                f.get_tensor(f"{adapter_name}.{key}").float() if f"{adapter_name}.{key}" in keys else None
+                for key in ("features", "dai_init")
             )
+            centroid = f.get_tensor(f"{adapter_name}.centroid").float()
+            return RouterCalibration(centroid, features, dict(f.metadata() or {}), dai_init)
     except (SafetensorError, OSError) as error:
         raise ValueError(f"{path} is not a readable safetensors file ({error}).") from error
