@@ -134,12 +134,16 @@ def held_out_records(count: int) -> dict[str, list[dict[str, str]]]:
 Batches = dict[str, list[dict[str, torch.Tensor]]]
 
 
-def losses(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
-    """Held-out loss per source and ``all`` (token-weighted over the sources)."""
-    measured = {source: held_out_loss(model, b) for source, b in batches.items()}
+def per_source(measured: dict[str, tuple[float, int]]) -> dict[str, float]:
+    """Held-out loss per source and ``all`` (token-weighted) from each source's (loss, response tokens)."""
     out = {source: loss for source, (loss, _) in measured.items()}
     out["all"] = sum(loss * n for loss, n in measured.values()) / sum(n for _, n in measured.values())
     return out
+
+
+def losses(model: torch.nn.Module, batches: Batches) -> dict[str, float]:
+    """Held-out loss per source and ``all`` (token-weighted over the sources)."""
+    return per_source({source: held_out_loss(model, b) for source, b in batches.items()})
 
 
 def mutual_information(counts: dict[str, list[int]]) -> float:
@@ -192,13 +196,12 @@ def measure(base: Path, train_dir: Path, batches: Batches) -> dict[str, object]:
         result["unmerged"] = losses(model, batches)
         return result
     tucka_llm.expert_load(model)  # reset the route counters
-    unmerged, counts = {}, {}
+    measured, counts = {}, {}
     for source, source_batches in batches.items():
-        unmerged[source] = losses(model, {source: source_batches})[source]
+        measured[source] = held_out_loss(model, source_batches)
         counts[source] = tucka_llm.expert_load(model)["default"].counts  # one route per held-out sequence
-    tokens = {source: sum(int((b["labels"][:, 1:] != -100).sum()) for b in bs) for source, bs in batches.items()}
-    unmerged["all"] = sum(unmerged[s] * tokens[s] for s in batches) / sum(tokens.values())
-    result |= {"unmerged": unmerged, "route_counts": counts, "mutual_information": mutual_information(counts)}
+    result |= {"unmerged": per_source(measured), "route_counts": counts}
+    result["mutual_information"] = mutual_information(counts)
     routes = {"expected": RouteSpec.parse("expected")}
     k = len(next(iter(counts.values())))
     routes |= {f"group{g}": RouteSpec.parse(f"group:{g}") for g in range(k)}
@@ -225,7 +228,7 @@ def run_name(variant: str, lr: float, seed: int) -> str:
 
 def finished(work: Path, variant: str, lr: float) -> list[dict]:
     """The measurements of the finished runs of one cell, by seed."""
-    runs = sorted(work.glob(f"{run_name(variant, lr, 0).removesuffix('0')}*/measure.json"))
+    runs = sorted(work.glob(f"{variant}-lr{lr:g}-seed*/measure.json"))  # run_name's directories
     return [json.loads(p.read_text()) | {"seed": int(p.parent.name.rsplit("seed", 1)[1])} for p in runs]
 
 

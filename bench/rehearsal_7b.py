@@ -79,7 +79,8 @@ def make_adapter(base: Path, run: Path, data: Path) -> None:
     features = calibration_features(model, calibration_batches(sequences, 32, options.seed, tokenizer))
     initialise_router(model, features, options.seed)
     run.mkdir(parents=True, exist_ok=True)
-    save_router_calibration(run / ROUTER_CALIBRATION, features, {}, {"data": str(data), "samples": "32", "seed": "42"})
+    meta = {"data": str(data), "samples": "32", "seed": str(options.seed)}
+    save_router_calibration(run / ROUTER_CALIBRATION, features, {}, meta)
     model.save_pretrained(run)
     tokenizer.save_pretrained(run)
 
