@@ -405,3 +405,22 @@ def test_a_run_refused_after_taking_its_output_leaves_no_empty_directory(tiny_mo
     with pytest.raises(DataError):
         run(tiny_model, tmp_path / "out", "--data", str(data))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_deepspeed_build_lock_left_by_a_killed_run_is_named_before_the_run_waits_on_it(tmp_path, monkeypatch, caplog):
+    """A run killed while torch built DeepSpeed's CPU op leaves its lock; every later run waited on it in silence."""
+    from tucka_llm.training.distributed import STALE_BUILD_LOCK_S, logger, warn_of_a_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    logger.addHandler(caplog.handler)  # the training tests may have stopped this logger's propagation
+    try:
+        warn_of_a_stale_build_lock()  # no lock: nothing to say
+        lock = tmp_path / "deepspeed_shm_comm" / "lock"
+        lock.touch()
+        warn_of_a_stale_build_lock()  # a build going on now: nothing either
+        assert caplog.text == ""
+        os.utime(lock, (lock.stat().st_atime, lock.stat().st_mtime - STALE_BUILD_LOCK_S - 60))
+        warn_of_a_stale_build_lock()
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert f"{lock} is 6 minutes old" in caplog.text and "remove the file" in caplog.text

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,6 +75,30 @@ def one_rank_without_launcher() -> None:
          "MASTER_PORT": str(free_port())}
     )  # fmt: skip
     logger.info("no distributed launcher: running as one rank (start it with `deepspeed` for several)")
+
+
+STALE_BUILD_LOCK_S = 300  # torch builds DeepSpeed's CPU all-reduce op in about a minute (docs/environment)
+
+
+def warn_of_a_stale_build_lock() -> None:
+    """On the CPU, DeepSpeed builds its shared-memory all-reduce op on first use, under torch's lock file; a process
+    killed meanwhile leaves the lock, and every later run then waits on it forever without a word. Say which file
+    to remove when it is older than a build takes."""
+    if torch.cuda.is_available():
+        return
+    from torch.utils.cpp_extension import _get_build_directory  # torch's own rule for where the build goes
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    with contextlib.suppress(FileNotFoundError):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            logger.warning(
+                "%s is %.0f minutes old: DeepSpeed waits for it before starting. If no other run is building "
+                "DeepSpeed's CPU op now, a killed run left it: remove the file.",
+                lock,
+                age / 60,
+                extra={"all_ranks": True},
+            )
 
 
 def per_rank(value: object) -> list[object]:

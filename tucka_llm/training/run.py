@@ -41,6 +41,7 @@ from tucka_llm.training.distributed import (
     rank_and_world_size,
     setup_logging,
     unlink_cpu_allreduce_buffer,
+    warn_of_a_stale_build_lock,
 )
 from tucka_llm.training.options import RunError, TrainOptions
 from tucka_llm.training.rundir import check_output, clear_leftovers, prepare_resume, save_final
@@ -77,6 +78,7 @@ def _train(
         import deepspeed
 
         one_rank_without_launcher()
+        warn_of_a_stale_build_lock()
         deepspeed.init_distributed()
     barrier()  # rank 0 accepted the output directory (and every rank mapped its peers' shared memory)
     if rank != 0:
