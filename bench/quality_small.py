@@ -15,8 +15,9 @@ parameters come closest to TuckA r16 k4 t2 p2's on this model, alpha = rank so t
 
 - ``gsm8k``: GSM8K training problems, from the first, in MetaMathQA form;
 - ``math``: MATH problems in MetaMathQA form (solution, then "The answer is: X"). MATH's training split is not shipped,
-  so these are MATH *test* problems: those at positions 1,000 and later of a fixed permutation of the 5,000 (seed 0;
-  the file is sorted by subject, the permutation mixes them), never one of MATH-500 (the MATH evaluation set). The
+  so these are MATH *test* problems: those at positions 1,000 and later of the fixed shuffled order that held-out
+  measurements use (``eval.loss.shipped_test_records``: the file is sorted by subject, the order mixes them), never
+  one of MATH-500 (the MATH evaluation set). The
   held-out MATH problems come from positions 0-999, so no held-out problem is trained on.
 
 With ``--data-mix gsm8k,math`` the two alternate (half each). Held out: the first ``--held-out`` GSM8K test problems
@@ -51,8 +52,8 @@ from scipy import stats
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tucka_llm
-from tucka_llm.data import asset_path, gsm8k_to_metamathqa, gsm8k_train_metamathqa
-from tucka_llm.eval.loss import held_out_batches, held_out_loss, load_model, math_to_metamathqa
+from tucka_llm.data import asset_path, gsm8k_train_metamathqa
+from tucka_llm.eval.loss import held_out_batches, held_out_loss, load_model, shipped_test_records
 from tucka_llm.export.route import RouteSpec, choose_route
 from tucka_llm.io.atomic import atomic_write_json, atomic_write_text
 from tucka_llm.layout import ADAPTER_WEIGHTS, read_metrics
@@ -107,15 +108,11 @@ def variants(names: Iterable[str], base: Path) -> list[Variant]:
 
 def math_pools() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """MATH test problems in MetaMathQA form, split (see the module docstring): (held-out, training)."""
-    lines = asset_path("math", "test.jsonl").read_text(encoding="utf-8").splitlines()
     math500_lines = asset_path("math", "math500_test.jsonl").read_text(encoding="utf-8").splitlines()
     math500 = {json.loads(line)["problem"] for line in math500_lines}
-    order = list(range(len(lines)))
-    random.Random(0).shuffle(order)
-    records = [json.loads(lines[i]) for i in order]
-    held_out = [math_to_metamathqa(r) for r in records[:MATH_HELD_OUT_POSITIONS]]
-    training = [math_to_metamathqa(r) for r in records[MATH_HELD_OUT_POSITIONS:] if r["problem"] not in math500]
-    return held_out, training
+    records = shipped_test_records("math")
+    held_out = records[:MATH_HELD_OUT_POSITIONS]
+    return held_out, [r for r in records[MATH_HELD_OUT_POSITIONS:] if r["query"] not in math500]
 
 
 def training_records(mix: list[str], count: int) -> list[dict[str, str]]:
@@ -127,8 +124,7 @@ def training_records(mix: list[str], count: int) -> list[dict[str, str]]:
 
 def held_out_records(count: int) -> dict[str, list[dict[str, str]]]:
     """The held-out problems of each source (see the module docstring), in MetaMathQA form."""
-    lines = asset_path("gsm8k", "test.jsonl").read_text(encoding="utf-8").splitlines()[:count]
-    return {"gsm8k": [gsm8k_to_metamathqa(json.loads(line)) for line in lines], "math": math_pools()[0][:count]}
+    return {"gsm8k": shipped_test_records("gsm8k", count), "math": math_pools()[0][:count]}
 
 
 Batches = dict[str, list[dict[str, torch.Tensor]]]

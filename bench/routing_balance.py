@@ -6,13 +6,15 @@ seeds and after training, on SmolLM2-135M-Instruct.
 
 Calibration (DAI) is the launcher's: ``--dai-samples`` 256 random training sequences (seed = the run's seed) in
 MetaMathQA form, max length 384 (the demo's), drawn from the data the pool stands for: GSM8K train for the GSM8K
-pool; for the mix, half GSM8K train and half MATH problems 1000 and on (MATH's train split is not shipped), as a
+pool; for the mix, half GSM8K train and half MATH test problems from position 1000 on of the fixed shuffled order
+that held-out measurements use (``eval.loss.shipped_test_records``; MATH's train split is not shipped), as a
 MetaMathQA-like training set would be. A third column routes the mix with the GSM8K calibration: a model
 calibrated on one distribution and used on another. Routing features depend on the base model alone (the routing
 layer is layer 0's q_proj), so every router and seed routes the same features, exactly as the adapter does
 (``Router.route_features`` on the routing layer's state, after ``data_aware_init``). Held-out pools, disjoint from
 every calibration sample: GSM8K test (the first 256 problems), and a GSM8K + MATH mix (the next 128 GSM8K test
-problems and MATH test problems 0-127, in MetaMathQA form, shuffled).
+problems and the MATH test problems at positions 0-127 of that order, which mixes MATH's subjects), in MetaMathQA
+form, shuffled.
 
 Per router, seed and pool: the load per sequence (sequence routing, as evaluation routes) and per micro-batch of 8
 (batch routing, as training routes: the mean feature of 8 consecutive sequences), as group shares and entropy
@@ -36,8 +38,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 import tucka_llm
-from tucka_llm.data import asset_path, gsm8k_to_metamathqa, load_metamathqa, tokenize_metamathqa
-from tucka_llm.eval.loss import math_to_metamathqa
+from tucka_llm.data import load_metamathqa, tokenize_metamathqa
+from tucka_llm.eval.loss import shipped_test_records
 from tucka_llm.loading import load_tokenizer
 from tucka_llm.recipes.smollm2 import DEFAULT_CACHE, smollm2_checkpoint
 from tucka_llm.tucka.calibration import calibration_batches
@@ -50,20 +52,13 @@ MICRO_BATCH = 8
 FIRST_SEED = 42
 
 
-def jsonl(name: str, file: str, start: int, count: int) -> list[dict]:
-    with asset_path(name, file).open(encoding="utf-8") as f:
-        return [json.loads(line) for line in f][start : start + count]
-
-
 def shuffled(records: list[dict], seed: int) -> list[dict]:
     return [records[i] for i in torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()]
 
 
 def held_out_pools() -> dict[str, list[dict[str, str]]]:
-    gsm8k = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 0, 256)]
-    mixed = [gsm8k_to_metamathqa(r) for r in jsonl("gsm8k", "test.jsonl", 256, 128)]
-    mixed += [math_to_metamathqa(r) for r in jsonl("math", "test.jsonl", 0, 128)]
-    return {"GSM8K": gsm8k, "GSM8K+MATH": shuffled(mixed, 0)}
+    mixed = shipped_test_records("gsm8k", 128, start=256) + shipped_test_records("math", 128)
+    return {"GSM8K": shipped_test_records("gsm8k", 256), "GSM8K+MATH": shuffled(mixed, 0)}
 
 
 # (column, held-out pool, calibration data)
@@ -110,7 +105,7 @@ def main() -> None:
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     gsm8k_train = load_metamathqa("gsm8k-train")
     gsm8k_tokens = tokenize_metamathqa(gsm8k_train, tokenizer, MAX_LEN).dataset
-    math_rest = [math_to_metamathqa(r) for r in jsonl("math", "test.jsonl", 1000, 4000)]
+    math_rest = shipped_test_records("math", start=1000)
 
     def calibration(data: str, seed: int) -> list[dict[str, torch.Tensor]]:
         if data == "gsm8k":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +36,21 @@ def math_to_metamathqa(record: dict[str, str]) -> dict[str, str]:
     return {"query": record["problem"], "response": response, "type": "MATH"}
 
 
-def shipped_test_records(task: str, count: int, start: int = 0) -> list[dict[str, str]]:
-    """Problems ``start .. start + count`` of the shipped GSM8K or MATH test set, in MetaMathQA form."""
+MATH_ORDER_SEED = 0  # the fixed order of the MATH test set that held-out measurements take problems from
+
+
+def shipped_test_records(task: str, count: int | None = None, start: int = 0) -> list[dict[str, str]]:
+    """Problems ``start .. start + count`` (to the end without ``count``) of the shipped test set, in MetaMathQA
+    form: GSM8K's in file order, MATH's in a fixed shuffled order (seed ``MATH_ORDER_SEED``). MATH's file is sorted
+    by subject (Algebra is its first 1,187 problems), so its first N would measure Algebra alone; any range of the
+    shuffled order mixes the seven subjects."""
     convert, name = {"gsm8k": (gsm8k_to_metamathqa, "gsm8k"), "math": (math_to_metamathqa, "math")}[task]
     with asset_path(name, "test.jsonl").open(encoding="utf-8") as f:
-        lines = f.read().splitlines()[start : start + count]
-    return [convert(json.loads(line)) for line in lines]
+        lines = f.read().splitlines()
+    order = list(range(len(lines)))
+    if task == "math":
+        random.Random(MATH_ORDER_SEED).shuffle(order)
+    return [convert(json.loads(lines[i])) for i in order[start : None if count is None else start + count]]
 
 
 def held_out_batches(
@@ -102,13 +112,14 @@ def main(argv: list[str] | None = None, prog: str = "tucka loss") -> None:
     parser = argparse.ArgumentParser(
         prog=prog,
         description=f"Write OUTPUT/{HELD_OUT_LOSS}: the mean cross-entropy per response token that --model (with "
-        "--adapter) gives the reference solutions of the first --limit shipped test problems, in MetaMathQA form "
+        "--adapter) gives the reference solutions of --limit shipped test problems (GSM8K's first; MATH's first in a "
+        "fixed order that mixes its subjects), in MetaMathQA form "
         "and tokenised as training does. `tucka report` shows it beside the accuracy of the same evaluation directory.",
     )
     parser.add_argument("--model", required=True, help="model directory (a merged checkpoint, or the base)")
     parser.add_argument("--adapter", default=None, help="an unmerged adapter on --model")
     parser.add_argument("--task", choices=["gsm8k", "math"], default="gsm8k", help="shipped test set")
-    parser.add_argument("--limit", type=int, default=40, help="the first N test problems")
+    parser.add_argument("--limit", type=int, default=40, help="N test problems (MATH's in its mixed order)")
     parser.add_argument("--output", required=True, help=f"directory for {HELD_OUT_LOSS} (an evaluation's)")
     write_held_out_loss(parser.parse_args(argv))
 
@@ -119,10 +130,11 @@ def write_held_out_loss(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokenizer_source(args.adapter, args.model), "--model")
     batches = held_out_batches(shipped_test_records(args.task, args.limit), tokenizer)
     loss, tokens = held_out_loss(load_model(args.model, args.adapter), batches)
+    order = f" in the order of random.Random({MATH_ORDER_SEED}).shuffle" if args.task == "math" else ""
     record = {
         "task": args.task,
         "problems": args.limit,  # --limit, checked to be at most the test set's size: each one was measured
-        "data": f"the first {args.limit} {args.task} test problems, reference solutions in MetaMathQA form",
+        "data": f"the first {args.limit} {args.task} test problems{order}, reference solutions in MetaMathQA form",
         "model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
         "adapter": str(Path(args.adapter).resolve()) if args.adapter else None,
         "loss": loss,
