@@ -1,7 +1,7 @@
 """The reference pipeline at Llama-2-7B's shapes on this CPU, once: what breaks at full size breaks here, before a
 GPU sees it (4096 wide, 32 layers, a 32,000-token vocabulary, a 262 MB prompt router).
 
-    python bench/rehearsal_7b.py --work /tmp/rehearsal     # about an hour on 2 cores, ~20 GiB RAM, ~45 GB disk
+    python bench/rehearsal_7b.py --work /tmp/rehearsal     # about 10 minutes on 2 cores, ~17 GiB RAM, ~45 GB disk
 
 Stages, each the project's own command, timed with its peak resident memory (GNU time; a stage's peak is that of
 its largest process):
@@ -17,10 +17,10 @@ its largest process):
 The stages skip what is done (``recipes.stages``), so an interrupted rehearsal continues; the table is printed and
 written to ``WORK/rehearsal.json`` as the stages finish.
 
-On a 24 GiB machine the 7B training step does not fit: the CPU run was killed for memory at 22.3 GiB, in its first
-step, after loading, DAI and DeepSpeed's engine had passed (docs/benchmarks.md). ``--untrained`` replaces stage 2
-with the same adapter calibrated as training calibrates it and saved as a finished run leaves it, so that export and
-serving still run at full shape.
+The training stages need about 17 GiB of anonymous memory (the bf16 base, 12.6 GiB, and one step's activations;
+docs/benchmarks.md); a 24 GiB machine holds them. On a smaller one ``--untrained`` replaces stage 2 with the same
+adapter calibrated as training calibrates it and saved as a finished run leaves it, so that export and serving
+still run at full shape.
 """
 
 from __future__ import annotations
