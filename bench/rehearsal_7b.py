@@ -42,8 +42,7 @@ from tucka_llm.models import llama2_7b_config
 from tucka_llm.recipes.stages import Stage, free_port
 from tucka_llm.training.adapters import add_adapter, load_base_model
 from tucka_llm.training.options import parse_options
-from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
-from tucka_llm.tucka.dai import calibration_features, initialise_router
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibrate_and_record, calibration_batches
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
@@ -76,11 +75,10 @@ def make_adapter(base: Path, run: Path, data: Path) -> None:
     model = add_adapter(load_base_model(options), options)
     tokenizer = llama2_tokenizer()
     sequences = tokenize_metamathqa(load_metamathqa(str(data)), tokenizer, options.max_len, "truncate").dataset
-    features = calibration_features(model, calibration_batches(sequences, 32, options.seed, tokenizer))
-    initialise_router(model, features, options.seed)
     run.mkdir(parents=True, exist_ok=True)
     meta = {"data": str(data), "samples": "32", "seed": str(options.seed)}
-    save_router_calibration(run / ROUTER_CALIBRATION, features, {}, meta)
+    batches = calibration_batches(sequences, 32, options.seed, tokenizer)
+    calibrate_and_record(model, batches, options.seed, run / ROUTER_CALIBRATION, meta)
     model.save_pretrained(run)
     tokenizer.save_pretrained(run)
 

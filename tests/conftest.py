@@ -13,8 +13,7 @@ import tucka_llm
 from tucka_llm.data import llama2_tokenizer, load_metamathqa, tokenize_metamathqa
 from tucka_llm.export import export_merged
 from tucka_llm.models import tiny_llama_config
-from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibration_batches, save_router_calibration
-from tucka_llm.tucka.dai import calibration_features, initialise_router
+from tucka_llm.tucka.calibration import ROUTER_CALIBRATION, calibrate_and_record, calibration_batches
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -73,10 +72,8 @@ def save_adapter(path: Path, base_dir: Path, config: peft.PeftConfig, tokenizer,
                 param.add_(torch.randn_like(param) * param.std())
     if calibrate:
         data = tokenize_metamathqa(load_metamathqa("gsm8k-train", 64), tokenizer, 128).dataset
-        features = calibration_features(model, calibration_batches(data, 32, 42, tokenizer))
-        initialise_router(model, features, seed=42)
         meta = {"data": "gsm8k-train", "samples": "32", "seed": "42"}
-        save_router_calibration(path / ROUTER_CALIBRATION, features, {}, meta)
+        calibrate_and_record(model, calibration_batches(data, 32, 42, tokenizer), 42, path / ROUTER_CALIBRATION, meta)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -16,7 +16,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,6 +190,22 @@ def _set_master(args: TrainingArguments, param: nn.Parameter, value: torch.Tenso
     )
     if error > 0 and args.deepspeed:
         raise RuntimeError(f"rank {args.process_index}: the engine's master copy of E differs from DAI by {error}.")
+
+
+def calibrate_and_record(
+    model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], seed: int, record: Path, meta: Mapping[str, str]
+) -> None:
+    """Calibrate every TuckA router of ``model`` on ``batches`` and write the record export reads (features, centroid
+    and DAI matrix), as ``TuckACalibration`` does before a run's first step: for an adapter saved without a Trainer
+    (the tests' fixtures, ``bench/rehearsal_7b.py --untrained``)."""
+    features = calibration_features(model, batches)
+    by_name = routers(model)
+    dai = {}
+    for name, h in features.items():
+        initial = by_name[name].calibrate(h.float().mean(dim=0), seed)
+        if initial is not None:
+            dai[name] = initial
+    save_router_calibration(record, features, dai, dict(meta))
 
 
 def save_router_calibration(
