@@ -17,8 +17,8 @@ parameters come closest to TuckA r16 k4 t2 p2's on this model, alpha = rank so t
 - ``math``: MATH problems in MetaMathQA form (solution, then "The answer is: X"). MATH's training split is not shipped,
   so these are MATH *test* problems: those at positions 1,000 and later of the fixed shuffled order that held-out
   measurements use (``eval.loss.shipped_test_records``: the file is sorted by subject, the order mixes them), never
-  one of MATH-500 (the MATH evaluation set). The
-  held-out MATH problems come from positions 0-999, so no held-out problem is trained on.
+  one of MATH-500 (the MATH evaluation set). The held-out MATH problems come from positions 0-999, so no held-out
+  problem is trained on.
 
 With ``--data-mix gsm8k,math`` the two alternate (half each). Held out: the first ``--held-out`` GSM8K test problems
 and the first ``--held-out`` MATH problems of the held-out positions, as the mean cross-entropy per response token

@@ -126,8 +126,8 @@ class RunTrainer(Trainer):
 
         Under DeepSpeed ZeRO-0/1/2, HF's ``save_model`` takes accelerate's ``get_state_dict``, which copies every
         tensor of the model into host RAM, base included, on every rank, only for peft to keep the adapter's
-        tensors of it: 13.5 GB per rank for Llama-2-7B, 108 GB per 8-GPU node at each checkpoint (docs/benchmarks.md
-        measured it). ZeRO-3 keeps HF's path: it gathers only the trained tensors already."""
+        tensors of it: 13.5 GB per rank for Llama-2-7B, 108 GB per 8-GPU node at each checkpoint (docs/benchmarks.md:
+        measured on the CPU). ZeRO-3 keeps HF's path: it gathers only the trained tensors already."""
         zero3 = self.is_deepspeed_enabled and self.deepspeed.config.get("zero_optimization", {}).get("stage") == 3
         if not self.is_deepspeed_enabled or zero3 or not isinstance(self.model, peft.PeftModel):
             super().save_model(output_dir, _internal_call)

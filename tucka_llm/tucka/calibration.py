@@ -28,7 +28,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tucka_llm.io.atomic import atomic_write
-from tucka_llm.tucka.dai import calibration_features, routers
+from tucka_llm.tucka.dai import calibration_features, initialise_router, routers
 from tucka_llm.tucka.model import routing_states
 
 logger = logging.getLogger("tucka_llm")
@@ -199,12 +199,7 @@ def calibrate_and_record(
     and DAI matrix), as ``TuckACalibration`` does before a run's first step: for an adapter saved without a Trainer
     (the tests' fixtures, ``bench/rehearsal_7b.py --untrained``)."""
     features = calibration_features(model, batches)
-    by_name = routers(model)
-    dai = {}
-    for name, h in features.items():
-        initial = by_name[name].calibrate(h.float().mean(dim=0), seed)
-        if initial is not None:
-            dai[name] = initial
+    _, dai = initialise_router(model, features, seed)
     save_router_calibration(record, features, dai, dict(meta))
 
 

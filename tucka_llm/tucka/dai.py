@@ -75,16 +75,21 @@ def routing_centroids(model: nn.Module, batches: Iterable[Mapping[str, torch.Ten
 
 
 @torch.no_grad()
-def initialise_router(model: nn.Module, features: Mapping[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+def initialise_router(
+    model: nn.Module, features: Mapping[str, torch.Tensor], seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """DAI from calibration features ``{adapter: (n, d)}``: e = their mean, from which each adapter's router sets
-    its centroids as its design wants (``TuckARouter.calibrate``). Returns ``{adapter: e}``."""
+    its centroids as its design wants (``TuckARouter.calibrate``). Returns ``({adapter: e}, {adapter: the DAI matrix
+    set})``; a router without centroids (redraw) has no DAI matrix."""
     by_name = routers(model)
-    centroids = {}
+    centroids, dai = {}, {}
     for name, h in features.items():
         e = h.float().mean(dim=0)
-        by_name[name].calibrate(e, seed)
+        initial = by_name[name].calibrate(e, seed)
         centroids[name] = e
-    return centroids
+        if initial is not None:
+            dai[name] = initial
+    return centroids, dai
 
 
 def data_aware_init(
@@ -92,4 +97,4 @@ def data_aware_init(
 ) -> dict[str, torch.Tensor]:
     """Calibrate the router of every active TuckA adapter of ``model`` on ``batches`` (deterministic for the same
     batches and seed) and return ``{adapter: e}``, the calibration centroid (see ``initialise_router``)."""
-    return initialise_router(model, calibration_features(model, batches), seed)
+    return initialise_router(model, calibration_features(model, batches), seed)[0]
